@@ -1,0 +1,29 @@
+//! # vextrus-core
+//!
+//! The event store's traits and types, one trait per capability
+//! ([`EventAppender`], [`EventReader`], [`SnapshotStore`], [`CheckpointStore`],
+//! [`SubscriptionSource`], [`ProjectionBackend`]), and the [`Projection`]
+//! contract. Backends live in their own crates (`vextrus-sqlite`,
+//! `vextrus-postgres`); every backend runs the conformance suite in
+//! `vextrus-testkit`.
+
+pub mod error;
+pub mod memory;
+pub mod projection;
+pub mod store;
+pub mod types;
+pub mod upcast;
+
+pub use error::{BoxError, EventStoreError, Result};
+pub use memory::{InMemoryEventStore, InMemoryTransaction};
+pub use projection::Projection;
+pub use store::{
+    CheckpointStore, DEFAULT_MAX_PAYLOAD_BYTES, EventAppender, EventReader, EventStream,
+    ProjectionBackend, SnapshotStore, SubscriptionSource, WakeUps,
+};
+pub use types::{
+    AppendResult, EventFilter, ExpectedVersion, GlobalPage, GlobalPosition, NewEvent,
+    ReadDirection, ReadStreamOptions, RecordedEvent, Snapshot, StreamFilter, StreamId,
+    validate_batch,
+};
+pub use upcast::{UpcasterRegistry, Upcasting};
