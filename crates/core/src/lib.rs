@@ -11,16 +11,18 @@ pub mod error;
 pub mod memory;
 pub mod projection;
 pub mod store;
+pub mod subscription;
 pub mod types;
 pub mod upcast;
 
 pub use error::{BoxError, EventStoreError, Result};
 pub use memory::{InMemoryEventStore, InMemoryTransaction};
-pub use projection::Projection;
+pub use projection::{BatchReport, Projection, ProjectionLag, ProjectionRunner};
 pub use store::{
     CheckpointStore, DEFAULT_MAX_PAYLOAD_BYTES, EventAppender, EventReader, EventStream,
     ProjectionBackend, SnapshotStore, SubscriptionSource, WakeUps,
 };
+pub use subscription::{Subscription, SubscriptionOptions};
 pub use types::{
     AppendResult, EventFilter, ExpectedVersion, GlobalPage, GlobalPosition, NewEvent,
     ReadDirection, ReadStreamOptions, RecordedEvent, Snapshot, StreamFilter, StreamId,

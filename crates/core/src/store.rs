@@ -210,7 +210,7 @@ impl WakeUps {
     }
 }
 
-/// What a backend offers the projection runner: a transaction in
+/// What a backend offers the [`crate::ProjectionRunner`]: a transaction in
 /// which a projection's handler writes its read model and the runner stores
 /// the projection's checkpoint, committed together.
 ///
