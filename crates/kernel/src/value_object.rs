@@ -785,6 +785,71 @@ mod tests {
         assert_eq!(serde_json::from_str::<Quantity>("3").unwrap(), three);
     }
 
+    /// `new` accepts `s` exactly when deserializing the JSON string `s` does,
+    /// and an accepted value survives JSON and `Display`/`FromStr` unchanged.
+    fn construction_and_serde_agree<V>(s: &str) -> Result<(), proptest::test_runner::TestCaseError>
+    where
+        V: FromStr<Err = ValueObjectError>
+            + TryFrom<String, Error = ValueObjectError>
+            + fmt::Display
+            + Serialize
+            + for<'de> Deserialize<'de>
+            + ValueObject,
+    {
+        use proptest::prelude::*;
+        let built = V::try_from(s.to_owned());
+        let json = serde_json::to_string(s).unwrap();
+        let decoded = serde_json::from_str::<V>(&json);
+        prop_assert_eq!(built.is_ok(), decoded.is_ok());
+        if let Ok(value) = built {
+            prop_assert_eq!(&decoded.unwrap(), &value);
+            let again: V = serde_json::from_str(&serde_json::to_string(&value).unwrap()).unwrap();
+            prop_assert_eq!(&again, &value);
+            prop_assert_eq!(&value.to_string().parse::<V>().unwrap(), &value);
+        }
+        Ok(())
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn text_objects_cannot_be_built_invalid(s in "\\PC{0,80}|[A-Za-z0-9_.@ -]{0,20}") {
+            construction_and_serde_agree::<AggregateId>(&s)?;
+            construction_and_serde_agree::<Sku>(&s)?;
+            construction_and_serde_agree::<EmailAddress>(&s)?;
+            construction_and_serde_agree::<NonEmptyText>(&s)?;
+        }
+
+        #[test]
+        fn accepted_values_obey_their_rules(s in "\\PC{0,80}|[A-Z0-9_a-z-]{0,70}") {
+            if let Ok(sku) = Sku::new(s.as_str()) {
+                proptest::prop_assert!((1..=64).contains(&sku.as_str().len()));
+                proptest::prop_assert!(
+                    sku.as_str().bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+                );
+            }
+            if let Ok(id) = AggregateId::new(s.as_str()) {
+                proptest::prop_assert!(!id.as_str().is_empty() && id.as_str().len() <= 200);
+                proptest::prop_assert!(!id.as_str().chars().any(char::is_whitespace));
+            }
+            if let Ok(text) = NonEmptyText::new(s.as_str()) {
+                proptest::prop_assert_eq!(text.as_str(), s.trim());
+            }
+        }
+
+        #[test]
+        fn quantity_arithmetic_matches_wide_integers(a in 0_i64..=i64::MAX, b in 0_i64..=i64::MAX, small in 0_i64..1000) {
+            let (qa, qb) = (Quantity::new(a).unwrap(), Quantity::new(b).unwrap());
+            let sum = i128::from(a) + i128::from(b);
+            proptest::prop_assert_eq!(qa.checked_add(qb).map(i64::from).map(i128::from), (sum <= i128::from(i64::MAX)).then_some(sum));
+            let difference = i128::from(a) - i128::from(b);
+            proptest::prop_assert_eq!(qa.checked_sub(qb).map(i64::from).map(i128::from), (difference >= 0).then_some(difference));
+            // Near each other too, where subtraction usually succeeds.
+            let near = Quantity::new(a.saturating_sub(small)).unwrap();
+            proptest::prop_assert_eq!(qa.checked_sub(near).and_then(|d| d.checked_add(near)), Some(qa));
+            proptest::prop_assert_eq!(Quantity::try_from(-1 - small).unwrap_err().field(), "quantity");
+        }
+    }
+
     #[test]
     fn errors_are_validation_and_can_be_renamed() {
         let errors = [
