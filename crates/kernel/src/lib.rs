@@ -10,12 +10,14 @@ pub mod aggregate;
 pub mod entity;
 pub mod error;
 pub mod event;
+pub mod money;
 pub mod repository;
 pub mod specification;
 pub mod value_object;
 
 pub use error::{ErrorKind, HasErrorKind};
 pub use event::*;
+pub use money::{Currency, Money, MoneyError, RoundingMode};
 
 pub use aggregate::{Aggregate, AggregateRoot, CommandContext};
 pub use entity::{Audit, Entity};
