@@ -1,0 +1,62 @@
+//! # vextrus-postgres
+//!
+//! The vextrus event store on PostgreSQL (13 or later): [`PgEventStore`]
+//! implements every capability trait of `vextrus-core` and runs the
+//! conformance suite of `vextrus-testkit`.
+//!
+//! ## Schema
+//!
+//! Versioned SQL files under `migrations/`, applied by
+//! [`PgEventStore::migrate`] (also `vextrus migrate --database-url ...`):
+//! `vextrus_events` (the global log), `vextrus_streams` (each stream's
+//! version), `vextrus_snapshots`, `vextrus_checkpoints`, and the append
+//! function `vextrus_append`.
+//!
+//! ## Appends: one round trip
+//!
+//! An append is one call of a PL/pgSQL function that checks for an
+//! idempotent re-append, checks the expected version while taking the
+//! stream row's lock (`UPDATE ... WHERE version = $expected`, or
+//! `INSERT ... ON CONFLICT DO NOTHING` for a new stream), and inserts the
+//! whole batch from arrays with `unnest`. A unique violation (SQLSTATE 23505)
+//! becomes a typed conflict, never a string match.
+//!
+//! ## The global log never skips an event
+//!
+//! A `bigint` identity hands out positions at insert time, but transactions
+//! commit in another order: a transaction holding position 7 may commit
+//! after one holding 8. A reader that checkpointed 8 would never see 7. So
+//! every row stores its transaction's id (`xid8`); readers order and
+//! checkpoint by `(transaction id, position)` ([`vextrus_core::GlobalPosition`]
+//! `{ commit, position }`) and read only rows whose transaction id is below
+//! `pg_snapshot_xmin(pg_current_snapshot())`, the oldest transaction still
+//! running. Every transaction below that horizon has finished, and every
+//! transaction that can still commit has a larger id than anything read.
+//!
+//! The cost: while any transaction of the cluster is open, readers of the
+//! global log wait for it (appends and stream reads do not). A rolled-back
+//! transaction stops holding readers the moment it rolls back. The bound on
+//! an abandoned appender is
+//! [`PgStoreConfig::idle_in_transaction_timeout`]: the server ends a session
+//! of the store's pool that sits idle inside a transaction longer than that,
+//! rolling it back. BENCHMARKS.md reports the stall measured. A transaction
+//! that keeps running statements, or one on another pool, is bounded only
+//! by the server's own settings (`idle_in_transaction_session_timeout`,
+//! `statement_timeout`); keep transactions short.
+//!
+//! ## Subscriptions and projections
+//!
+//! Appends `NOTIFY vextrus_events` in their transaction (configurable);
+//! [`vextrus_core::SubscriptionSource::wake_ups`] LISTENs and wakes
+//! subscribers, which also poll at their own interval. The projection
+//! transaction is a plain `sqlx::Transaction<'static, Postgres>`: a handler
+//! writes its read model with SQL through it and the checkpoint commits with
+//! it.
+
+mod error;
+mod migrate;
+mod projection;
+mod store;
+
+pub use migrate::{MIGRATIONS, Migration};
+pub use store::{NOTIFY_CHANNEL, PgEventStore, PgStoreConfig};

@@ -1,0 +1,683 @@
+//! [`PgEventStore`]: appends, stream reads and the gap-free global log.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use futures::{StreamExt, TryStreamExt, stream};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
+use sqlx::{PgConnection, PgPool, Postgres, Row, Transaction};
+use tokio::sync::watch;
+use uuid::Uuid;
+use vextrus_core::{
+    AppendResult, DEFAULT_MAX_PAYLOAD_BYTES, EventFilter, EventReader, EventStoreError,
+    EventStream, ExpectedVersion, GlobalPage, GlobalPosition, NewEvent, ReadDirection,
+    ReadStreamOptions, RecordedEvent, Result, StreamFilter, StreamId, validate_batch,
+};
+use vextrus_kernel::{EventId, EventMetadata};
+
+use crate::error::{EVENT_ID_KEY, map_sqlx, unique_violation};
+
+/// The LISTEN/NOTIFY channel appends notify on.
+pub const NOTIFY_CHANNEL: &str = "vextrus_events";
+
+/// How a [`PgEventStore`] behaves.
+///
+/// ```
+/// use std::time::Duration;
+/// use vextrus_postgres::PgStoreConfig;
+///
+/// let config = PgStoreConfig::default()
+///     .max_payload_bytes(64 * 1024)
+///     .notify_on_append(false)
+///     .idle_in_transaction_timeout(Some(Duration::from_secs(2)));
+/// assert_eq!(config.max_payload_bytes, 64 * 1024);
+/// assert!(!config.notify_on_append);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PgStoreConfig {
+    /// The largest payload accepted, in bytes of JSON text (default 1 MiB).
+    pub max_payload_bytes: usize,
+    /// Whether each append sends `NOTIFY vextrus_events` inside its
+    /// transaction, waking LISTENing subscribers at commit (default `true`).
+    /// PostgreSQL serializes committing transactions that notified, so
+    /// turning this off raises append throughput under many concurrent
+    /// writers; subscribers then fall back to polling.
+    pub notify_on_append: bool,
+    /// How many events one round trip of a stream read fetches (default 1000).
+    pub read_page_size: usize,
+    /// The bound on how long a transaction on this store's pool may sit idle
+    /// while open (`idle_in_transaction_session_timeout`), set on every
+    /// connection [`PgEventStore::connect_with`] opens (default 5 s). Readers
+    /// of the global log wait for every transaction older than the events
+    /// they read; this bounds how long an abandoned appender (a unit of work
+    /// that appended and then stalled) can hold them back: the server ends
+    /// its session and rolls it back. `None` leaves the server's setting.
+    pub idle_in_transaction_timeout: Option<Duration>,
+    /// Pool size used by [`PgEventStore::connect_with`] (default 32).
+    pub max_connections: u32,
+}
+
+impl Default for PgStoreConfig {
+    fn default() -> Self {
+        Self {
+            max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
+            notify_on_append: true,
+            read_page_size: 1000,
+            idle_in_transaction_timeout: Some(Duration::from_secs(5)),
+            max_connections: 32,
+        }
+    }
+}
+
+impl PgStoreConfig {
+    /// Sets the largest accepted payload, in bytes.
+    pub fn max_payload_bytes(mut self, max: usize) -> Self {
+        self.max_payload_bytes = max;
+        self
+    }
+
+    /// Sets whether appends NOTIFY subscribers.
+    pub fn notify_on_append(mut self, notify: bool) -> Self {
+        self.notify_on_append = notify;
+        self
+    }
+
+    /// Sets the page size of stream reads (at least 1).
+    pub fn read_page_size(mut self, size: usize) -> Self {
+        self.read_page_size = size.max(1);
+        self
+    }
+
+    /// Sets the idle-in-transaction bound of the store's own connections.
+    pub fn idle_in_transaction_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.idle_in_transaction_timeout = timeout;
+        self
+    }
+
+    /// Sets the pool size used by [`PgEventStore::connect_with`].
+    pub fn max_connections(mut self, n: u32) -> Self {
+        self.max_connections = n.max(1);
+        self
+    }
+}
+
+/// The event store on PostgreSQL.
+///
+/// Implements every capability trait of `vextrus-core`
+/// ([`vextrus_core::EventAppender`], [`EventReader`],
+/// [`vextrus_core::SnapshotStore`], [`vextrus_core::CheckpointStore`],
+/// [`vextrus_core::SubscriptionSource`], [`vextrus_core::ProjectionBackend`])
+/// over a [`PgPool`], and appends inside a caller's open transaction with
+/// [`PgEventStore::append_in_tx`] (for a unit of work).
+///
+/// The global log is ordered by `(transaction id, position)` and a read only
+/// returns rows of transactions older than the oldest one still running, so
+/// a transaction that took a lower position but commits later is never
+/// skipped (see the crate docs).
+///
+/// ```no_run
+/// use serde_json::json;
+/// use vextrus_core::{EventAppender, EventReader, ExpectedVersion, NewEvent, StreamId};
+/// use vextrus_kernel::EventMetadata;
+/// use vextrus_postgres::PgEventStore;
+///
+/// # async fn demo() -> vextrus_core::Result<()> {
+/// let store = PgEventStore::connect("postgres://postgres@127.0.0.1:5432/test").await?;
+/// store.migrate().await?;
+/// let order = StreamId::new("order-42")?;
+/// let placed = NewEvent::new("order.placed", json!({"total": "10.00"}), EventMetadata::new());
+/// let r = store.append_to_stream(&order, ExpectedVersion::NoStream, &[placed]).await?;
+/// assert_eq!(r.last_version, 1);
+/// assert_eq!(store.stream_version(&order).await?, Some(1));
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct PgEventStore {
+    pub(crate) pool: PgPool,
+    pub(crate) config: Arc<PgStoreConfig>,
+    pub(crate) wake: Arc<OnceLock<watch::Receiver<u64>>>,
+}
+
+/// The columns every event read selects, in the order [`decode_event`] reads them.
+const EVENT_COLUMNS: &str = "e.position, e.transaction_id::text::bigint, e.stream_id, \
+     e.stream_version, e.event_type, e.schema_version, e.payload, e.metadata, e.recorded_at";
+
+impl PgEventStore {
+    /// A store over an existing pool, with the default configuration.
+    pub fn new(pool: PgPool) -> Self {
+        Self::with_config(pool, PgStoreConfig::default())
+    }
+
+    /// A store over an existing pool. (The pool's connections keep their own
+    /// settings; [`PgStoreConfig::idle_in_transaction_timeout`] applies only
+    /// to pools built by [`PgEventStore::connect_with`].)
+    pub fn with_config(pool: PgPool, config: PgStoreConfig) -> Self {
+        Self {
+            pool,
+            config: Arc::new(config),
+            wake: Arc::new(OnceLock::new()),
+        }
+    }
+
+    /// Connects to `url` with the default configuration. An unreachable
+    /// database gives [`EventStoreError::Unavailable`].
+    pub async fn connect(url: &str) -> Result<Self> {
+        Self::connect_with(url, PgStoreConfig::default()).await
+    }
+
+    /// Connects to `url`, building a pool as `config` says.
+    pub async fn connect_with(url: &str, config: PgStoreConfig) -> Result<Self> {
+        let mut options: PgConnectOptions = url.parse().map_err(|e: sqlx::Error| {
+            EventStoreError::backend(format!("invalid database URL: {e}"))
+        })?;
+        if let Some(t) = config.idle_in_transaction_timeout {
+            options = options.options([(
+                "idle_in_transaction_session_timeout",
+                t.as_millis().max(1).to_string(),
+            )]);
+        }
+        let pool = PgPoolOptions::new()
+            .max_connections(config.max_connections)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options)
+            .await
+            .map_err(map_sqlx)?;
+        Ok(Self::with_config(pool, config))
+    }
+
+    /// The pool the store uses (for a unit of work's own SQL).
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// The store's configuration.
+    pub fn config(&self) -> &PgStoreConfig {
+        &self.config
+    }
+
+    /// Applies the store's migrations (versioned SQL files under
+    /// `migrations/`); applying them again is harmless, and two processes
+    /// migrating at once take turns. Returns how many were applied.
+    pub async fn migrate(&self) -> Result<usize> {
+        crate::migrate::run(&self.pool).await
+    }
+
+    /// Appends inside the caller's open transaction, for a unit of work that
+    /// also writes outbox messages, inbox entries or its own rows. Nothing is
+    /// visible to others until the caller commits; the caller's rollback
+    /// undoes the append.
+    ///
+    /// Same contract as [`vextrus_core::EventAppender::append_to_stream`].
+    /// A version conflict or an idempotent re-append leaves `tx` usable. A
+    /// race in which another transaction stores one of the batch's event ids
+    /// in another stream at the same moment aborts `tx` (the unique
+    /// violation) and gives [`EventStoreError::PartialDuplicate`].
+    pub async fn append_in_tx(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        stream_id: &StreamId,
+        expected: ExpectedVersion,
+        events: &[NewEvent],
+    ) -> Result<AppendResult> {
+        let args = AppendArgs::new(events, self.config.max_payload_bytes)?;
+        match self
+            .call_append(tx, stream_id, expected, &args)
+            .await
+        {
+            Err(AppendFailure::EventIdTaken) => Err(EventStoreError::PartialDuplicate {
+                stream_id: stream_id.clone(),
+                event_id: events[0].event_id,
+            }),
+            Err(AppendFailure::Store(e)) => Err(e),
+            Ok(r) => Ok(r),
+        }
+    }
+
+    /// Appends on a pooled connection, as one statement (its own transaction).
+    pub(crate) async fn append_pooled(
+        &self,
+        stream_id: &StreamId,
+        expected: ExpectedVersion,
+        events: &[NewEvent],
+    ) -> Result<AppendResult> {
+        let args = AppendArgs::new(events, self.config.max_payload_bytes)?;
+        let mut conn = self.pool.acquire().await.map_err(map_sqlx)?;
+        match self
+            .call_append(&mut conn, stream_id, expected, &args)
+            .await
+        {
+            // Another transaction stored one of these ids while we appended;
+            // it has committed now, so asking again classifies the batch as a
+            // re-append or a partial duplicate.
+            Err(AppendFailure::EventIdTaken) => {
+                match self
+                    .call_append(&mut conn, stream_id, expected, &args)
+                    .await
+                {
+                    Err(AppendFailure::EventIdTaken) => Err(EventStoreError::PartialDuplicate {
+                        stream_id: stream_id.clone(),
+                        event_id: events[0].event_id,
+                    }),
+                    Err(AppendFailure::Store(e)) => Err(e),
+                    Ok(r) => Ok(r),
+                }
+            }
+            Err(AppendFailure::Store(e)) => Err(e),
+            Ok(r) => Ok(r),
+        }
+    }
+
+    async fn call_append(
+        &self,
+        conn: &mut PgConnection,
+        stream_id: &StreamId,
+        expected: ExpectedVersion,
+        args: &AppendArgs,
+    ) -> std::result::Result<AppendResult, AppendFailure> {
+        let expected_code: i64 = match expected {
+            ExpectedVersion::Any => -1,
+            ExpectedVersion::NoStream => -2,
+            ExpectedVersion::StreamExists => -3,
+            ExpectedVersion::Exact(n) => i64::try_from(n).unwrap_or(i64::MAX),
+        };
+        let row = sqlx::query(
+            "SELECT outcome, stream_version, first_position, first_commit, last_position, \
+             last_commit, conflict_event_id \
+             FROM vextrus_append($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(stream_id.as_str())
+        .bind(expected_code)
+        .bind(&args.ids)
+        .bind(&args.types)
+        .bind(&args.schema_versions)
+        .bind(&args.payloads)
+        .bind(&args.metadata)
+        .bind(self.config.notify_on_append)
+        .fetch_one(conn)
+        .await
+        .map_err(|e| match unique_violation(&e) {
+            Some(c) if c == EVENT_ID_KEY => AppendFailure::EventIdTaken,
+            Some(_) => AppendFailure::Store(EventStoreError::WrongExpectedVersion {
+                stream_id: stream_id.clone(),
+                expected,
+                actual: None,
+            }),
+            None => AppendFailure::Store(map_sqlx(e)),
+        })?;
+        let get = |e: sqlx::Error| AppendFailure::Store(map_sqlx(e));
+        let outcome: i16 = row.try_get(0).map_err(get)?;
+        let version: Option<i64> = row.try_get(1).map_err(get)?;
+        match outcome {
+            0 | 2 => {
+                let n = args.ids.len() as u64;
+                let last_version = to_u64(version.unwrap_or_default());
+                let pos =
+                    |p: usize, c: usize| -> std::result::Result<GlobalPosition, AppendFailure> {
+                        let position: Option<i64> = row.try_get(p).map_err(get)?;
+                        let commit: Option<i64> = row.try_get(c).map_err(get)?;
+                        Ok(GlobalPosition::new(
+                            to_u64(commit.unwrap_or_default()),
+                            to_u64(position.unwrap_or_default()),
+                        ))
+                    };
+                Ok(AppendResult {
+                    first_version: last_version + 1 - n,
+                    last_version,
+                    first_position: pos(2, 3)?,
+                    last_position: pos(4, 5)?,
+                })
+            }
+            1 => Err(AppendFailure::Store(
+                EventStoreError::WrongExpectedVersion {
+                    stream_id: stream_id.clone(),
+                    expected,
+                    actual: version.map(to_u64),
+                },
+            )),
+            _ => {
+                let id: Option<Uuid> = row.try_get(6).map_err(get)?;
+                Err(AppendFailure::Store(EventStoreError::PartialDuplicate {
+                    stream_id: stream_id.clone(),
+                    event_id: id.map_or(args.first_id, EventId::from),
+                }))
+            }
+        }
+    }
+
+    /// One page of a stream read.
+    async fn read_stream_page(
+        &self,
+        stream_id: &StreamId,
+        direction: ReadDirection,
+        from: i64,
+        limit: i64,
+    ) -> Result<Vec<RecordedEvent>> {
+        let sql = match direction {
+            ReadDirection::Forwards => {
+                "SELECT e.position, e.transaction_id::text::bigint, e.stream_id, \
+                 e.stream_version, e.event_type, e.schema_version, e.payload, e.metadata, \
+                 e.recorded_at FROM vextrus_events e \
+                 WHERE e.stream_id = $1 AND e.stream_version >= $2 \
+                 ORDER BY e.stream_version ASC LIMIT $3"
+            }
+            ReadDirection::Backwards => {
+                "SELECT e.position, e.transaction_id::text::bigint, e.stream_id, \
+                 e.stream_version, e.event_type, e.schema_version, e.payload, e.metadata, \
+                 e.recorded_at FROM vextrus_events e \
+                 WHERE e.stream_id = $1 AND e.stream_version <= $2 \
+                 ORDER BY e.stream_version DESC LIMIT $3"
+            }
+        };
+        let rows = sqlx::query(sql)
+            .bind(stream_id.as_str())
+            .bind(from)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_sqlx)?;
+        rows.iter().map(decode_event).collect()
+    }
+
+    /// Reads a global-log page (see [`EventReader::read_all`]) on any
+    /// connection: the pool, or a caller's transaction.
+    pub(crate) async fn read_all_on<'c, E>(
+        executor: E,
+        from: GlobalPosition,
+        filter: &EventFilter,
+        limit: usize,
+    ) -> Result<GlobalPage>
+    where
+        E: sqlx::Executor<'c, Database = Postgres>,
+    {
+        if limit == 0 {
+            return Ok(GlobalPage {
+                events: Vec::new(),
+                scanned_to: from,
+            });
+        }
+        let (category, prefix, types) = filter_params(filter);
+        let sql = format!(
+            "WITH h AS MATERIALIZED (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin) \
+             SELECT (SELECT h.xmin::text::bigint FROM h) AS horizon, {EVENT_COLUMNS} \
+             FROM (SELECT NULL) AS one \
+             LEFT JOIN LATERAL ( \
+                SELECT e.* FROM vextrus_events e, h \
+                WHERE (e.transaction_id, e.position) > ($1::bigint::text::xid8, $2) \
+                  AND e.transaction_id < h.xmin \
+                  AND ($3::text IS NULL OR split_part(e.stream_id, '-', 1) = $3) \
+                  AND ($4::text IS NULL OR starts_with(e.stream_id, $4)) \
+                  AND ($5::text[] IS NULL OR e.event_type = ANY ($5)) \
+                ORDER BY e.transaction_id, e.position \
+                LIMIT $6 \
+             ) e ON true \
+             ORDER BY e.transaction_id, e.position"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(to_i64(from.commit))
+            .bind(to_i64(from.position))
+            .bind(category)
+            .bind(prefix)
+            .bind(types)
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(executor)
+            .await
+            .map_err(map_sqlx)?;
+        let horizon: i64 = match rows.first() {
+            Some(r) => r.try_get(0).map_err(map_sqlx)?,
+            None => 0,
+        };
+        let mut events = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let position: Option<i64> = row.try_get(1).map_err(map_sqlx)?;
+            if position.is_some() {
+                events.push(decode_event_at(row, 1)?);
+            }
+        }
+        let scanned_to = if events.len() == limit {
+            events.last().map_or(from, |e| e.position)
+        } else {
+            // Every row of a transaction below the horizon is final and was
+            // read: a later read may start just below the horizon.
+            let below_horizon = GlobalPosition::new(to_u64(horizon - 1), i64::MAX as u64);
+            let last = events.last().map_or(from, |e| e.position);
+            from.max(last)
+                .max(if horizon > 0 { below_horizon } else { from })
+        };
+        Ok(GlobalPage { events, scanned_to })
+    }
+
+    /// How many readable events lie after `from` and pass `filter`.
+    pub(crate) async fn count_after_impl(
+        &self,
+        from: GlobalPosition,
+        filter: &EventFilter,
+    ) -> Result<u64> {
+        let (category, prefix, types) = filter_params(filter);
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM vextrus_events e \
+             WHERE (e.transaction_id, e.position) > ($1::bigint::text::xid8, $2) \
+               AND e.transaction_id < pg_snapshot_xmin(pg_current_snapshot()) \
+               AND ($3::text IS NULL OR split_part(e.stream_id, '-', 1) = $3) \
+               AND ($4::text IS NULL OR starts_with(e.stream_id, $4)) \
+               AND ($5::text[] IS NULL OR e.event_type = ANY ($5))",
+        )
+        .bind(to_i64(from.commit))
+        .bind(to_i64(from.position))
+        .bind(category)
+        .bind(prefix)
+        .bind(types)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(map_sqlx)?;
+        Ok(to_u64(n))
+    }
+
+    /// The age of the oldest event after `from` that a reader could read
+    /// now (`None`: nothing unread), by the database clock: the "age of the
+    /// oldest unprocessed event" of a projection's lag.
+    pub async fn oldest_unread_age(
+        &self,
+        from: GlobalPosition,
+        filter: &EventFilter,
+    ) -> Result<Option<Duration>> {
+        let (category, prefix, types) = filter_params(filter);
+        let secs: Option<f64> = sqlx::query_scalar(
+            "SELECT extract(epoch FROM now() - min(e.recorded_at))::float8 FROM vextrus_events e \
+             WHERE (e.transaction_id, e.position) > ($1::bigint::text::xid8, $2) \
+               AND e.transaction_id < pg_snapshot_xmin(pg_current_snapshot()) \
+               AND ($3::text IS NULL OR split_part(e.stream_id, '-', 1) = $3) \
+               AND ($4::text IS NULL OR starts_with(e.stream_id, $4)) \
+               AND ($5::text[] IS NULL OR e.event_type = ANY ($5))",
+        )
+        .bind(to_i64(from.commit))
+        .bind(to_i64(from.position))
+        .bind(category)
+        .bind(prefix)
+        .bind(types)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(map_sqlx)?;
+        Ok(secs.map(|s| Duration::from_secs_f64(s.max(0.0))))
+    }
+}
+
+/// Why a call of the append function failed.
+enum AppendFailure {
+    /// A concurrent transaction stored one of the batch's event ids (unique violation).
+    EventIdTaken,
+    /// Anything else, already typed.
+    Store(EventStoreError),
+}
+
+/// A validated batch as the column arrays the append function takes.
+struct AppendArgs {
+    first_id: EventId,
+    ids: Vec<Uuid>,
+    types: Vec<String>,
+    schema_versions: Vec<i32>,
+    payloads: Vec<serde_json::Value>,
+    metadata: Vec<serde_json::Value>,
+}
+
+impl AppendArgs {
+    fn new(events: &[NewEvent], max_payload: usize) -> Result<Self> {
+        validate_batch(events, max_payload)?;
+        let mut args = AppendArgs {
+            first_id: events[0].event_id,
+            ids: Vec::with_capacity(events.len()),
+            types: Vec::with_capacity(events.len()),
+            schema_versions: Vec::with_capacity(events.len()),
+            payloads: Vec::with_capacity(events.len()),
+            metadata: Vec::with_capacity(events.len()),
+        };
+        for e in events {
+            args.ids.push(e.event_id.as_uuid());
+            args.types.push(e.event_type.clone());
+            args.schema_versions
+                .push(i32::try_from(e.schema_version).map_err(|_| {
+                    EventStoreError::InvalidEvent(format!(
+                        "schema version {} is too large",
+                        e.schema_version
+                    ))
+                })?);
+            args.payloads.push(e.payload.clone());
+            args.metadata.push(serde_json::to_value(&e.metadata)?);
+        }
+        Ok(args)
+    }
+}
+
+/// The filter as bind parameters: category, prefix, event types (`None`: no condition).
+fn filter_params(filter: &EventFilter) -> (Option<String>, Option<String>, Option<Vec<String>>) {
+    let (category, prefix) = match &filter.streams {
+        StreamFilter::All => (None, None),
+        StreamFilter::Category(c) => (Some(c.clone()), None),
+        StreamFilter::Prefix(p) => (None, Some(p.clone())),
+    };
+    let types = (!filter.event_types.is_empty()).then(|| filter.event_types.clone());
+    (category, prefix, types)
+}
+
+pub(crate) fn to_u64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+pub(crate) fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// Decodes an event row selected with [`EVENT_COLUMNS`].
+pub(crate) fn decode_event(row: &PgRow) -> Result<RecordedEvent> {
+    decode_event_at(row, 0)
+}
+
+/// Decodes an event row whose [`EVENT_COLUMNS`] start at column `at`.
+fn decode_event_at(row: &PgRow, at: usize) -> Result<RecordedEvent> {
+    let position: i64 = row.try_get(at).map_err(map_sqlx)?;
+    let commit: i64 = row.try_get(at + 1).map_err(map_sqlx)?;
+    let stream_id: String = row.try_get(at + 2).map_err(map_sqlx)?;
+    let stream_version: i64 = row.try_get(at + 3).map_err(map_sqlx)?;
+    let event_type: String = row.try_get(at + 4).map_err(map_sqlx)?;
+    let schema_version: i32 = row.try_get(at + 5).map_err(map_sqlx)?;
+    let payload: serde_json::Value = row.try_get(at + 6).map_err(map_sqlx)?;
+    let metadata: serde_json::Value = row.try_get(at + 7).map_err(map_sqlx)?;
+    let recorded_at: chrono::DateTime<chrono::Utc> = row.try_get(at + 8).map_err(map_sqlx)?;
+    let metadata: EventMetadata = serde_json::from_value(metadata)?;
+    Ok(RecordedEvent {
+        stream_id: StreamId::new(stream_id)?,
+        stream_version: to_u64(stream_version),
+        position: GlobalPosition::new(to_u64(commit), to_u64(position)),
+        event_type,
+        schema_version: u32::try_from(schema_version).unwrap_or(0),
+        payload,
+        metadata,
+        recorded_at,
+    })
+}
+
+impl vextrus_core::EventAppender for PgEventStore {
+    async fn append_to_stream(
+        &self,
+        stream_id: &StreamId,
+        expected: ExpectedVersion,
+        events: &[NewEvent],
+    ) -> Result<AppendResult> {
+        self.append_pooled(stream_id, expected, events).await
+    }
+}
+
+impl EventReader for PgEventStore {
+    fn read_stream<'a>(
+        &'a self,
+        stream_id: &'a StreamId,
+        options: ReadStreamOptions,
+    ) -> EventStream<'a> {
+        struct State {
+            next: i64,
+            remaining: u64,
+            done: bool,
+        }
+        let page_size = self.config.read_page_size as u64;
+        let start = match (options.direction, options.from_version) {
+            (_, Some(v)) => to_i64(v),
+            (ReadDirection::Forwards, None) => 1,
+            (ReadDirection::Backwards, None) => i64::MAX,
+        };
+        let state = State {
+            next: start,
+            remaining: options.limit.unwrap_or(u64::MAX),
+            done: false,
+        };
+        stream::try_unfold(state, move |mut st| async move {
+            if st.done || st.remaining == 0 || st.next < 1 {
+                return Ok(None);
+            }
+            let want = st.remaining.min(page_size);
+            let page = self
+                .read_stream_page(stream_id, options.direction, st.next, to_i64(want))
+                .await?;
+            st.remaining -= page.len() as u64;
+            if (page.len() as u64) < want {
+                st.done = true;
+            }
+            if let Some(last) = page.last() {
+                let v = to_i64(last.stream_version);
+                st.next = match options.direction {
+                    ReadDirection::Forwards => v.saturating_add(1),
+                    ReadDirection::Backwards => v - 1,
+                };
+            } else {
+                st.done = true;
+            }
+            Ok::<_, EventStoreError>(Some((page, st)))
+        })
+        .map_ok(|page: Vec<RecordedEvent>| {
+            stream::iter(page.into_iter().map(Ok::<_, EventStoreError>))
+        })
+        .try_flatten()
+        .boxed()
+    }
+
+    async fn read_all(
+        &self,
+        from: GlobalPosition,
+        filter: &EventFilter,
+        limit: usize,
+    ) -> Result<GlobalPage> {
+        Self::read_all_on(&self.pool, from, filter, limit).await
+    }
+
+    async fn stream_version(&self, stream_id: &StreamId) -> Result<Option<u64>> {
+        let v: Option<i64> =
+            sqlx::query_scalar("SELECT version FROM vextrus_streams WHERE stream_id = $1")
+                .bind(stream_id.as_str())
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(map_sqlx)?;
+        Ok(v.map(to_u64))
+    }
+
+    async fn count_after(&self, from: GlobalPosition, filter: &EventFilter) -> Result<u64> {
+        self.count_after_impl(from, filter).await
+    }
+}
