@@ -26,7 +26,7 @@
 //!   once. `Decimal`'s own multiplication would silently round any product
 //!   wider than 96 bits and then be rounded again to the minor unit. The
 //!   `+`/`-` operators return a `Result` for the same reason; negation cannot
-//!   fail and is a plain [`Neg`](std::ops::Neg).
+//!   fail and is a plain [`Neg`].
 //! - **Allocation never loses or invents a minor unit.**
 //!   [`Money::allocate`] and [`Money::split`] hand out whole minor units by
 //!   the largest-remainder method, so the parts always sum to the whole,
