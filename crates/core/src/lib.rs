@@ -10,6 +10,7 @@
 pub mod error;
 pub mod memory;
 pub mod projection;
+pub mod repository;
 pub mod store;
 pub mod subscription;
 pub mod types;
@@ -18,6 +19,7 @@ pub mod upcast;
 pub use error::{BoxError, EventStoreError, Result};
 pub use memory::{InMemoryEventStore, InMemoryTransaction};
 pub use projection::{BatchReport, Projection, ProjectionLag, ProjectionRunner};
+pub use repository::{EventSourcedRepository, SnapshotPolicy};
 pub use store::{
     CheckpointStore, DEFAULT_MAX_PAYLOAD_BYTES, EventAppender, EventReader, EventStream,
     ProjectionBackend, SnapshotStore, SubscriptionSource, WakeUps,
