@@ -351,8 +351,7 @@ mod tests {
     async fn queue_counter_is_released_when_a_waiter_is_cancelled() {
         let bulkhead = Bulkhead::new(1, 1);
         let held = bulkhead.acquire().await.unwrap();
-        let waiter = bulkhead.acquire();
-        tokio::pin!(waiter);
+        let mut waiter = Box::pin(bulkhead.acquire());
         assert!(futures_poll_once(waiter.as_mut()).await.is_none());
         assert_eq!(bulkhead.queued(), 1);
         drop(waiter);
@@ -362,10 +361,12 @@ mod tests {
     }
 
     async fn futures_poll_once<F: Future + Unpin>(mut f: F) -> Option<F::Output> {
-        std::future::poll_fn(|cx| Poll::Ready(match Pin::new(&mut f).poll(cx) {
-            Poll::Ready(v) => Some(v),
-            Poll::Pending => None,
-        }))
+        std::future::poll_fn(|cx| {
+            Poll::Ready(match Pin::new(&mut f).poll(cx) {
+                Poll::Ready(v) => Some(v),
+                Poll::Pending => None,
+            })
+        })
         .await
     }
 }

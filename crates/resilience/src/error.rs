@@ -197,7 +197,8 @@ impl<E: HasErrorKind> HasErrorKind for ResilienceError<E> {
 mod tests {
     use super::*;
 
-    #[derive(Debug)]
+    #[derive(Debug, thiserror::Error)]
+    #[error("conflict")]
     struct Conflict;
     impl HasErrorKind for Conflict {
         fn kind(&self) -> ErrorKind {
@@ -214,10 +215,7 @@ mod tests {
         };
         assert_eq!(open.kind(), ErrorKind::Transient);
         assert_eq!(open.retry_after(), Some(Duration::from_secs(3)));
-        assert_eq!(
-            ResilienceError::Inner(Conflict).kind(),
-            ErrorKind::Conflict
-        );
+        assert_eq!(ResilienceError::Inner(Conflict).kind(), ErrorKind::Conflict);
         let full: ResilienceError<Conflict> = ResilienceError::BulkheadFull {
             max_concurrent: 1,
             max_queue: 0,

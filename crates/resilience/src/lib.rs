@@ -32,7 +32,7 @@
 //!
 //! # Metrics
 //!
-//! Names and labels are in [`metrics`](crate::metrics).
+//! Names and labels are in [`mod@metrics`].
 
 pub mod breaker;
 pub mod bulkhead;
@@ -45,8 +45,8 @@ pub mod timeout;
 
 pub use breaker::{
     BreakerFuture, BreakerRegistry, BreakerSnapshot, CallPermit, CircuitBreaker,
-    CircuitBreakerConfig, CircuitBreakerLayer, CircuitBreakerService, CircuitState,
-    SlidingWindow, StateTransition,
+    CircuitBreakerConfig, CircuitBreakerLayer, CircuitBreakerService, CircuitState, SlidingWindow,
+    StateTransition,
 };
 pub use bulkhead::{Bulkhead, BulkheadFuture, BulkheadLayer, BulkheadPermit, BulkheadService};
 pub use classify::{ByErrorKind, Classifier, KindSet, Lifted, WithRetryAfter};

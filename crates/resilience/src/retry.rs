@@ -169,7 +169,11 @@ impl<C> RetryPolicy<C> {
 
     /// How much the cap grows after each failure; values below 1 are taken as 1.
     pub fn factor(mut self, factor: f32) -> Self {
-        self.factor = if factor.is_finite() { factor.max(1.0) } else { 1.0 };
+        self.factor = if factor.is_finite() {
+            factor.max(1.0)
+        } else {
+            1.0
+        };
         self
     }
 
@@ -298,15 +302,15 @@ impl<C> RetryPolicy<C> {
         let retry_after = classifier.retry_after(error);
         let delay = retry_after.map_or(jittered, |ra| ra.max(jittered));
         let elapsed = state.started.elapsed();
-        if let Some(budget) = self.max_elapsed {
-            if elapsed.saturating_add(delay) >= budget {
-                tracing::debug!(
-                    attempt, %kind, ?delay, ?elapsed, ?budget,
-                    "not retrying: next attempt would start after the time budget"
-                );
-                give_up("max_elapsed");
-                return None;
-            }
+        if let Some(budget) = self.max_elapsed
+            && elapsed.saturating_add(delay) >= budget
+        {
+            tracing::debug!(
+                attempt, %kind, ?delay, ?elapsed, ?budget,
+                "not retrying: next attempt would start after the time budget"
+            );
+            give_up("max_elapsed");
+            return None;
         }
         state.attempt += 1;
         let event = RetryEvent {
@@ -513,7 +517,10 @@ where
                 RetryStepProj::Calling { future } => match ready!(future.poll(cx)) {
                     Ok(response) => return Poll::Ready(Ok(response)),
                     Err(error) => {
-                        match this.policy.decide(&this.policy.classifier, &error, this.retry) {
+                        match this
+                            .policy
+                            .decide(&this.policy.classifier, &error, this.retry)
+                        {
                             Some(delay) => this.state.set(RetryStep::Sleeping {
                                 sleep: sleep(delay),
                             }),
@@ -558,7 +565,9 @@ mod tests {
             .max_attempts(6)
             .without_max_elapsed()
             .on_retry(move |e| seen.lock().unwrap().push(e.cap));
-        let result: Result<(), E> = policy.retry(|| async { Err(E(ErrorKind::Transient)) }).await;
+        let result: Result<(), E> = policy
+            .retry(|| async { Err(E(ErrorKind::Transient)) })
+            .await;
         assert_eq!(result, Err(E(ErrorKind::Transient)));
         assert_eq!(
             *caps.lock().unwrap(),

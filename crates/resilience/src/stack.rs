@@ -148,7 +148,10 @@ impl<C: Clone> Clone for ResilienceStack<C> {
 impl<C: fmt::Debug> fmt::Debug for ResilienceStack<C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResilienceStack")
-            .field("breaker", &self.breaker.as_ref().map(|b| b.name().to_owned()))
+            .field(
+                "breaker",
+                &self.breaker.as_ref().map(|b| b.name().to_owned()),
+            )
             .field("retry", &self.retry)
             .field("timeout", &self.timeout)
             .field("bulkhead", &self.bulkhead)
@@ -230,11 +233,7 @@ impl<C> ResilienceStack<C> {
             None => None,
         };
         let result = match &self.retry {
-            Some(policy) => {
-                policy
-                    .run_with(&classifier, || self.attempt(op()))
-                    .await
-            }
+            Some(policy) => policy.run_with(&classifier, || self.attempt(op())).await,
             None => self.attempt(op()).await,
         };
         if let Some(permit) = permit {
