@@ -129,7 +129,9 @@ pub enum MetadataError {
         value: String,
     },
     /// A `traceparent` header did not follow the W3C Trace Context format.
-    #[error("invalid W3C traceparent {0:?}: expected 00-<32 hex>-<16 hex>-<2 hex>, ids not all zero")]
+    #[error(
+        "invalid W3C traceparent {0:?}: expected 00-<32 hex>-<16 hex>-<2 hex>, ids not all zero"
+    )]
     InvalidTraceparent(String),
     /// A `tracestate` header was too long or held a control character.
     #[error("invalid W3C tracestate: {0}")]
@@ -199,16 +201,23 @@ impl TraceContext {
         }
         let tracestate = match tracestate {
             None => None,
-            Some(s) if s.is_empty() => None,
+            Some("") => None,
             Some(s) if s.len() > Self::MAX_TRACESTATE_LEN => {
-                return Err(MetadataError::InvalidTracestate("longer than 512 characters"));
+                return Err(MetadataError::InvalidTracestate(
+                    "longer than 512 characters",
+                ));
             }
             Some(s) if s.chars().any(|c| c.is_control()) => {
-                return Err(MetadataError::InvalidTracestate("contains a control character"));
+                return Err(MetadataError::InvalidTracestate(
+                    "contains a control character",
+                ));
             }
             Some(s) => Some(s.to_owned()),
         };
-        Ok(Self { traceparent: traceparent.to_owned(), tracestate })
+        Ok(Self {
+            traceparent: traceparent.to_owned(),
+            tracestate,
+        })
     }
 
     /// The `traceparent` header value.
@@ -239,13 +248,22 @@ impl TraceContext {
 
 fn validate_name(field: &'static str, value: &str) -> Result<(), MetadataError> {
     if value.trim().is_empty() {
-        return Err(MetadataError::InvalidName { field, reason: "must not be empty" });
+        return Err(MetadataError::InvalidName {
+            field,
+            reason: "must not be empty",
+        });
     }
     if value.len() > 128 {
-        return Err(MetadataError::InvalidName { field, reason: "longer than 128 bytes" });
+        return Err(MetadataError::InvalidName {
+            field,
+            reason: "longer than 128 bytes",
+        });
     }
     if value.chars().any(|c| c.is_control()) {
-        return Err(MetadataError::InvalidName { field, reason: "contains a control character" });
+        return Err(MetadataError::InvalidName {
+            field,
+            reason: "contains a control character",
+        });
     }
     Ok(())
 }
@@ -456,7 +474,10 @@ mod tests {
         let upper = "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01";
         for tp in [zero_trace, zero_parent, bad_version, upper, "", "00-1-2-3"] {
             assert!(
-                matches!(TraceContext::parse(tp, None), Err(MetadataError::InvalidTraceparent(_))),
+                matches!(
+                    TraceContext::parse(tp, None),
+                    Err(MetadataError::InvalidTraceparent(_))
+                ),
                 "{tp}"
             );
         }
@@ -484,7 +505,10 @@ mod tests {
         assert_eq!(id.to_string().parse::<EventId>().unwrap(), id);
         assert!(matches!(
             "nope".parse::<CorrelationId>(),
-            Err(MetadataError::InvalidId { field: "CorrelationId", .. })
+            Err(MetadataError::InvalidId {
+                field: "CorrelationId",
+                ..
+            })
         ));
         // UUIDv7 ids sort by creation time.
         let later = EventId::new();
