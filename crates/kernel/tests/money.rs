@@ -153,6 +153,56 @@ fn invalid_ratios_are_a_typed_error() {
 }
 
 #[test]
+fn invalid_exchange_rate_is_a_typed_error() {
+    let usd = Money::from_minor(1_000, Currency::USD);
+    for rate in [Decimal::ZERO, dec("-121.5"), dec("-0.0001")] {
+        let err = usd
+            .convert(rate, Currency::BDT, RoundingMode::HalfEven)
+            .unwrap_err();
+        assert_eq!(
+            err,
+            MoneyError::InvalidRate(format!(
+                "the exchange rate from USD to BDT must be positive, not {rate}"
+            ))
+        );
+        assert_eq!(err.kind(), ErrorKind::Validation);
+    }
+    let max = Money::try_from_minor((1 << 96) - 1, Currency::JPY).unwrap();
+    assert_eq!(
+        max.convert(Decimal::ONE, Currency::USD, RoundingMode::HalfEven),
+        Err(MoneyError::Overflow {
+            operation: "convert"
+        })
+    );
+}
+
+#[test]
+fn conversion_rounds_once_into_the_target_minor_unit() {
+    let kwd = Money::from_minor(1_234, Currency::KWD); // KWD 1.234
+    // 1 KWD = 3.2567 USD: 4.0187678 USD
+    let usd = kwd
+        .convert(dec("3.2567"), Currency::USD, RoundingMode::HalfEven)
+        .unwrap();
+    assert_eq!(usd.to_string(), "$4.02");
+    let usd = kwd
+        .convert(dec("3.2567"), Currency::USD, RoundingMode::TowardsZero)
+        .unwrap();
+    assert_eq!(usd.to_string(), "$4.01");
+    // Negative amounts convert to negative amounts.
+    let refund = Money::from_minor(-500, Currency::EUR);
+    let bdt = refund
+        .convert(dec("130"), Currency::BDT, RoundingMode::HalfEven)
+        .unwrap();
+    assert_eq!(bdt.to_string(), "-৳650.00");
+    // JPY (no decimals) to KWD (three).
+    let yen = Money::from_minor(1_000, Currency::JPY);
+    let dinar = yen
+        .convert(dec("0.00205"), Currency::KWD, RoundingMode::HalfUp)
+        .unwrap();
+    assert_eq!(dinar.to_string(), "KWD 2.050");
+}
+
+#[test]
 fn too_precise_is_a_typed_error() {
     let expected = MoneyError::TooPrecise {
         amount: "1.234".into(),

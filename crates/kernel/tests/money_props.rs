@@ -238,6 +238,24 @@ proptest! {
     }
 
     #[test]
+    fn convert_matches_exact_decimal_arithmetic(
+        minor in -(1i128 << 40)..(1i128 << 40),
+        from in any_currency(),
+        to in any_currency(),
+        rate_mantissa in 1i64..(1i64 << 40),
+        rate_scale in 0u32..=10,
+        mode in any_mode(),
+    ) {
+        let money = Money::try_from_minor(minor, from).unwrap();
+        let rate = Decimal::new(rate_mantissa, rate_scale);
+        let exact = money.amount().checked_mul(rate).unwrap();
+        let expected = exact.round_dp_with_strategy(to.minor_units(), strategy(mode));
+        let converted = money.convert(rate, to, mode).unwrap();
+        prop_assert_eq!(converted.currency(), to);
+        prop_assert_eq!(converted.amount(), expected);
+    }
+
+    #[test]
     fn arithmetic_never_panics(
         money in any_money(),
         rate in (any::<i64>(), any::<i64>(), 0u32..=28).prop_map(|(hi, lo, s)| {
@@ -250,6 +268,14 @@ proptest! {
             match result {
                 Ok(m) => prop_assert_eq!(m.amount().scale(), money.currency().minor_units()),
                 Err(MoneyError::Overflow { .. }) => {}
+                Err(other) => prop_assert!(false, "unexpected error {}", other),
+            }
+        }
+        for to in [Currency::JPY, Currency::KWD, Currency::XAU] {
+            match money.convert(rate, to, mode) {
+                Ok(m) => prop_assert_eq!(m.amount().scale(), to.minor_units()),
+                Err(MoneyError::Overflow { .. }) => {}
+                Err(MoneyError::InvalidRate(_)) => prop_assert!(rate.is_sign_negative() || rate.is_zero()),
                 Err(other) => prop_assert!(false, "unexpected error {}", other),
             }
         }

@@ -61,6 +61,10 @@ pub enum MoneyError {
     /// a negative ratio, ratios that are all zero, or ratios too large to add up.
     #[error("invalid allocation ratios: {0}")]
     InvalidRatio(String),
+    /// [`Money::convert`](super::Money::convert) was given an exchange rate
+    /// that is zero or negative.
+    #[error("invalid exchange rate: {0}")]
+    InvalidRate(String),
     /// An amount has more (non-zero) decimals than its currency's minor unit;
     /// use [`Money::round`](super::Money::round) to round it explicitly.
     #[error("{amount} has more decimals than {currency} allows (at most {max_decimals})")]
@@ -111,6 +115,7 @@ impl HasErrorKind for MoneyError {
             | MoneyError::UnknownCurrency(_)
             | MoneyError::SplitIntoZero
             | MoneyError::InvalidRatio(_)
+            | MoneyError::InvalidRate(_)
             | MoneyError::TooPrecise { .. }
             | MoneyError::Parse { .. } => ErrorKind::Validation,
         }

@@ -186,10 +186,10 @@ fn grouping_is_valid(groups: &[&str], grouping: DigitGrouping) -> bool {
     let Some((first, middle)) = init.split_first() else {
         return false;
     };
+    // The last group has three digits; the groups before it have three
+    // (Western) or two (South-Asian) digits, except the first, which may be
+    // shorter but not empty and does not start with a zero.
     let first_ok = (1..=first_max).contains(&first.len()) && !first.starts_with('0');
-    // A single group before the last three digits may have up to three
-    // digits in Western grouping; in South-Asian grouping every group before
-    // the last has at most two.
     first_ok && middle.iter().all(|g| g.len() == middle_len) && last.len() == 3
 }
 

@@ -14,10 +14,9 @@
 //!   hash equal, and always print and serialize as `1.50`.
 //! - **One currency at a time.** Adding, subtracting or comparing across
 //!   currencies is a [`MoneyError::CurrencyMismatch`] (and `partial_cmp`
-//!   returns `None`), never a silent mix. There is no conversion here: an
-//!   exchange rate is a business decision with a date and a source, so it
-//!   belongs to the caller (`Money::new(usd.amount() * rate, Currency::BDT)`
-//!   or better, `mul_rate` into a rounded amount then re-tag it).
+//!   returns `None`), never a silent mix. Changing currency is always
+//!   explicit: [`Money::convert`] takes the exchange rate (a business fact
+//!   with a date and a source, so the caller supplies it) and a rounding mode.
 //! - **Never a panic on overflow.** Every operation is checked and returns
 //!   [`MoneyError::Overflow`] past 2^96 - 1 minor units (`Decimal`'s mantissa
 //!   limit, about 7.9 × 10^26 for two-decimal currencies). Sums and
@@ -363,6 +362,55 @@ impl Money {
     pub fn percent(self, percent: Decimal, mode: RoundingMode) -> Result<Money, MoneyError> {
         // percent has at most 28 decimals, so 10^(28 + 2) fits in a u128.
         self.scaled(percent, percent.scale() + 2, mode, "percent")
+    }
+
+    /// `self` converted into `to` at `rate`, rounded once to `to`'s minor
+    /// unit with `mode`.
+    ///
+    /// `rate` is how many units of `to` one unit of `self`'s currency is
+    /// worth: converting USD to BDT at `121.5` turns `$10.00` into
+    /// `৳1,215.00`. The product is exact, as in [`Money::mul_rate`]. A rate
+    /// that is zero or negative is refused with [`MoneyError::InvalidRate`];
+    /// a result beyond the representable range is [`MoneyError::Overflow`].
+    ///
+    /// ```
+    /// use rust_decimal::Decimal;
+    /// use vextrus_kernel::{Currency, Money, RoundingMode};
+    ///
+    /// let usd = Money::from_minor(1_000, Currency::USD);              // $10.00
+    /// let rate = Decimal::new(1215, 1);                               // 1 USD = 121.5 BDT
+    /// let bdt = usd.convert(rate, Currency::BDT, RoundingMode::HalfEven).unwrap();
+    /// assert_eq!(bdt.to_string(), "৳1,215.00");
+    ///
+    /// // Into a currency without decimals, the rounding mode decides.
+    /// let yen_rate = Decimal::new(15_075, 2);                         // 1 USD = 150.75 JPY
+    /// let cents = Money::from_minor(10, Currency::USD);                // $0.10 = ¥15.075
+    /// let yen = cents.convert(yen_rate, Currency::JPY, RoundingMode::HalfEven).unwrap();
+    /// assert_eq!(yen.to_string(), "¥15");
+    /// ```
+    pub fn convert(
+        self,
+        rate: Decimal,
+        to: Currency,
+        mode: RoundingMode,
+    ) -> Result<Money, MoneyError> {
+        const OP: &str = "convert";
+        if rate.is_sign_negative() || rate.is_zero() {
+            return Err(MoneyError::InvalidRate(format!(
+                "the exchange rate from {} to {to} must be positive, not {rate}",
+                self.currency
+            )));
+        }
+        // In `to`'s minor units: minor × rate × 10^to_units / 10^from_units,
+        // where rate = mantissa / 10^scale.
+        let factor = pow10(to.minor_units())
+            .and_then(|unit| rate.mantissa().unsigned_abs().checked_mul(unit))
+            .ok_or(MoneyError::overflow(OP))?;
+        let divisor =
+            pow10(self.currency.minor_units() + rate.scale()).ok_or(MoneyError::overflow(OP))?;
+        let magnitude = mul_div_round(self.to_minor_units().unsigned_abs(), factor, divisor, mode)
+            .ok_or(MoneyError::overflow(OP))?;
+        Money::from_magnitude(magnitude, self.is_negative(), to, OP)
     }
 
     /// Compares two amounts of one currency, or fails with
