@@ -9,7 +9,8 @@
 //!   `KWD` 3). [`Money::new`] refuses amounts with more significant decimals
 //!   ([`MoneyError::TooPrecise`]) instead of rounding them silently; rounding
 //!   is something the caller asks for, with a [`RoundingMode`], through
-//!   [`Money::round`], [`Money::mul_rate`] or [`Money::percent`]. Because the
+//!   [`Money::round`], [`Money::mul_rate`], [`Money::percent`] or
+//!   [`Money::convert`]. Because the
 //!   scale is fixed, `USD 1.5` and `USD 1.50` are the same value, compare and
 //!   hash equal, and always print and serialize as `1.50`.
 //! - **One currency at a time.** Adding, subtracting or comparing across
@@ -21,7 +22,7 @@
 //!   [`MoneyError::Overflow`] past 2^96 - 1 minor units (`Decimal`'s mantissa
 //!   limit, about 7.9 × 10^26 for two-decimal currencies). Sums and
 //!   differences are computed exactly on integer minor units; products with a
-//!   rate or percentage are computed exactly in 256-bit integers and rounded
+//!   rate, percentage or exchange rate are computed exactly in 256-bit integers and rounded
 //!   once. `Decimal`'s own multiplication would silently round any product
 //!   wider than 96 bits and then be rounded again to the minor unit. The
 //!   `+`/`-` operators return a `Result` for the same reason; negation cannot
