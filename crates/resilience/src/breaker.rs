@@ -61,9 +61,9 @@
 //! broadcast of transitions, and its failure predicate sees the error without
 //! vextrus's kinds. Adding all of that on top would have meant replacing most
 //! of it, so the state machine is written here and kept small: one
-//! `std::sync::Mutex` around a few counters, taken twice per call (admit,
-//! record) for a handful of arithmetic operations (`benches/stack.rs`
-//! measures the cost).
+//! `std::sync::Mutex` around a few counters, taken once per call in the
+//! closed state (to record the outcome; admission reads an atomic) for a
+//! handful of arithmetic operations (`benches/stack.rs` measures the cost).
 //!
 //! [`Transient`]: ErrorKind::Transient
 //! [`Fatal`]: ErrorKind::Fatal
@@ -74,6 +74,7 @@ use std::fmt;
 use std::future::Future;
 use std::ops::Deref;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
@@ -534,6 +535,9 @@ pub struct CircuitBreaker {
     needs_clock: bool,
     minimum_calls: u32,
     core: Mutex<Core>,
+    /// `(epoch << 2) | state`, written under the lock at every transition, so
+    /// that a closed breaker admits a call without taking the lock.
+    published: AtomicU64,
     transitions: broadcast::Sender<StateTransition>,
     handles: Handles,
 }
@@ -546,6 +550,24 @@ impl fmt::Debug for CircuitBreaker {
             .field("config", &self.config)
             .finish_non_exhaustive()
     }
+}
+
+fn publish(epoch: u64, state: CircuitState) -> u64 {
+    let code = match state {
+        CircuitState::Closed => 0,
+        CircuitState::Open => 1,
+        CircuitState::HalfOpen => 2,
+    };
+    (epoch << 2) | code
+}
+
+fn unpublish(word: u64) -> (u64, CircuitState) {
+    let state = match word & 3 {
+        0 => CircuitState::Closed,
+        1 => CircuitState::Open,
+        _ => CircuitState::HalfOpen,
+    };
+    (word >> 2, state)
 }
 
 /// What a permit remembers about its call.
@@ -570,6 +592,7 @@ impl CircuitBreaker {
         CircuitBreaker {
             needs_clock: config.needs_clock(),
             minimum_calls: config.effective_minimum_calls(),
+            published: AtomicU64::new(publish(0, CircuitState::Closed)),
             core: Mutex::new(Core {
                 state: CircuitState::Closed,
                 epoch: 0,
@@ -598,7 +621,7 @@ impl CircuitBreaker {
     /// The current state (an open breaker whose wait is over still says
     /// `Open` until the next call moves it to half-open).
     pub fn state(&self) -> CircuitState {
-        self.lock().state
+        unpublish(self.published.load(Ordering::Acquire)).1
     }
 
     /// The counts the breaker is judging now.
@@ -656,6 +679,17 @@ impl CircuitBreaker {
     }
 
     fn ticket(&self) -> Result<Ticket, ResilienceError<Infallible>> {
+        // Fast path: closed. A transition racing with this load is harmless:
+        // the ticket carries the old epoch and its outcome will be ignored,
+        // exactly as if the call had been admitted just before the transition.
+        let (epoch, state) = unpublish(self.published.load(Ordering::Acquire));
+        if state == CircuitState::Closed {
+            return Ok(Ticket {
+                epoch,
+                trial: false,
+                started: self.needs_clock.then(Instant::now),
+            });
+        }
         let mut core = self.lock();
         match core.state {
             CircuitState::Closed => {
@@ -790,6 +824,8 @@ impl CircuitBreaker {
         let from = core.state;
         core.state = to;
         core.epoch += 1;
+        self.published
+            .store(publish(core.epoch, to), Ordering::Release);
         match to {
             CircuitState::Open => core.opened_at = now,
             CircuitState::HalfOpen => {
