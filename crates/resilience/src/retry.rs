@@ -376,6 +376,9 @@ where
 ///
 /// The request must be `Clone` (each attempt sends a copy) and so must the
 /// service (each call keeps a copy to call again, as tower's own retry does).
+/// Before each retry the kept copy is made ready again; an error from its
+/// `poll_ready` ends the call at once, unretried (a service that cannot get
+/// ready is not a failed attempt to classify).
 ///
 /// ```
 /// use std::time::Duration;
