@@ -76,7 +76,9 @@ pub(crate) async fn run(pool: &SqlitePool) -> Result<usize> {
             }
             continue;
         }
-        sqlx::Executor::execute(&mut *tx, m.sql).await.map_err(map_sqlx)?;
+        sqlx::Executor::execute(&mut *tx, m.sql)
+            .await
+            .map_err(map_sqlx)?;
         sqlx::query("INSERT INTO vextrus_migrations (version, name, checksum) VALUES (?, ?, ?)")
             .bind(m.version)
             .bind(m.name)

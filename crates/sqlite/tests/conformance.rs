@@ -43,7 +43,9 @@ impl EventStoreBackend for Sqlite3 {
     }
 
     async fn clear_in_tx(tx: &mut Transaction<'static, Sqlite>) -> Result<(), BoxError> {
-        sqlx::query("DELETE FROM testkit_read_model").execute(&mut **tx).await?;
+        sqlx::query("DELETE FROM testkit_read_model")
+            .execute(&mut **tx)
+            .await?;
         Ok(())
     }
 
