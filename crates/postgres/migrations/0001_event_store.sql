@@ -14,8 +14,9 @@ CREATE TABLE IF NOT EXISTS vextrus_streams (
 -- `transaction_id` is the appending transaction's id. Transactions commit in
 -- an order that the sequence does not follow, so readers order and
 -- checkpoint by (transaction_id, position) and only read rows whose
--- transaction id is below the oldest still-running transaction
--- (pg_snapshot_xmin): such rows can no longer be joined by earlier ones.
+-- transaction id is below the oldest still-running transaction of this
+-- database (vextrus_log_horizon()): such rows can no longer be joined by
+-- earlier ones.
 CREATE TABLE IF NOT EXISTS vextrus_events (
     position       bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     transaction_id xid8        NOT NULL DEFAULT pg_current_xact_id(),
@@ -33,6 +34,39 @@ CREATE TABLE IF NOT EXISTS vextrus_events (
 
 CREATE INDEX IF NOT EXISTS vextrus_events_commit_order
     ON vextrus_events (transaction_id, position);
+
+-- The global log's read horizon: every row whose transaction id is below it
+-- is final (its transaction committed and is visible, or rolled back), and
+-- every transaction that can still add rows has an id at or above it.
+--
+-- It is the oldest transaction still running in the statement's snapshot,
+-- ignoring transactions that pg_stat_activity shows running in *another*
+-- database (they cannot write this database's log; transaction ids are
+-- cluster-wide, so without this a long transaction anywhere on the server
+-- would hold every reader back). A running transaction that cannot be
+-- placed (it finished between the snapshot and the look-up, or is a
+-- prepared transaction) counts as this database's, so the horizon only ever
+-- errs towards waiting; `unplaced` says so, and readers then ask again.
+-- STABLE, so it sees the caller's snapshot.
+CREATE OR REPLACE FUNCTION vextrus_log_horizon(OUT horizon xid8, OUT unplaced boolean)
+LANGUAGE sql STABLE AS $$
+    WITH snap AS (SELECT pg_current_snapshot() AS s),
+    running AS (
+        SELECT x.xid,
+               EXISTS (SELECT 1 FROM pg_stat_activity a
+                        WHERE a.backend_xid = xid(x.xid)
+                          AND a.datname = current_database()) AS ours,
+               EXISTS (SELECT 1 FROM pg_stat_activity a
+                        WHERE a.backend_xid = xid(x.xid)
+                          AND a.datname <> current_database()) AS elsewhere
+        FROM snap, pg_snapshot_xip(snap.s) AS x(xid)
+    )
+    SELECT r.xid, NOT r.ours FROM running r WHERE NOT r.elsewhere
+    UNION ALL
+    SELECT pg_snapshot_xmax(snap.s), false FROM snap
+    ORDER BY 1
+    LIMIT 1
+$$;
 
 -- The latest snapshot of each stream.
 CREATE TABLE IF NOT EXISTS vextrus_snapshots (
@@ -52,11 +86,20 @@ CREATE TABLE IF NOT EXISTS vextrus_checkpoints (
     updated_at timestamptz NOT NULL DEFAULT now()
 );
 
--- Which of a batch's event ids are already stored, and whether the batch is
--- an exact re-append: all ids stored in `p_stream_id` at consecutive versions
--- in batch order. Outcome 2 = idempotent re-append (with the original
--- result), 3 = partial duplicate (with the first offending id).
-CREATE OR REPLACE FUNCTION vextrus_classify_duplicate(p_stream_id text, p_event_ids uuid[])
+-- Classifies a batch some of whose event ids are already stored (the same
+-- rules as the in-memory backend):
+-- - the first id is stored in another stream: partial duplicate (outcome 3);
+-- - it is stored in this stream, but an exact expectation (p_expected >= 0,
+--   or -2 = no stream = 0) would put the batch elsewhere: wrong expected
+--   version (outcome 1, with the stream's current version);
+-- - every id is stored at consecutive versions from there: idempotent
+--   re-append (outcome 2, with the original result);
+-- - otherwise: partial duplicate with the first id out of place.
+CREATE OR REPLACE FUNCTION vextrus_classify_duplicate(
+    p_stream_id text,
+    p_expected  bigint,
+    p_event_ids uuid[]
+)
 RETURNS TABLE (
     outcome           smallint,
     stream_version    bigint,
@@ -66,38 +109,56 @@ RETURNS TABLE (
     last_commit       bigint,
     conflict_event_id uuid
 )
-LANGUAGE sql STABLE AS $$
-    WITH batch AS (
-        SELECT b.id, b.ord
-        FROM unnest(p_event_ids) WITH ORDINALITY AS b(id, ord)
-    ), stored AS (
-        SELECT b.ord, b.id, e.stream_id, e.stream_version, e.position, e.transaction_id
-        FROM batch b
-        LEFT JOIN vextrus_events e ON e.event_id = b.id
-    ), first AS (
-        SELECT * FROM stored WHERE ord = 1
-    ), verdict AS (
-        SELECT
-            (SELECT f.stream_id = p_stream_id FROM first f)
-            AND bool_and(s.stream_id IS NOT DISTINCT FROM p_stream_id
-                         AND s.stream_version = (SELECT f.stream_version FROM first f) + s.ord - 1)
-                AS exact
-        FROM stored s
-    )
-    SELECT
-        2::smallint,
-        (SELECT max(s.stream_version) FROM stored s),
-        (SELECT s.position FROM stored s WHERE s.ord = 1),
-        (SELECT s.transaction_id::text::bigint FROM stored s WHERE s.ord = 1),
-        (SELECT s.position FROM stored s ORDER BY s.ord DESC LIMIT 1),
-        (SELECT s.transaction_id::text::bigint FROM stored s ORDER BY s.ord DESC LIMIT 1),
-        NULL::uuid
-    FROM verdict v WHERE v.exact
-    UNION ALL
-    SELECT
-        3::smallint, NULL, NULL, NULL, NULL, NULL,
-        (SELECT s.id FROM stored s WHERE s.stream_id IS NOT NULL ORDER BY s.ord LIMIT 1)
-    FROM verdict v WHERE v.exact IS NOT TRUE
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    n       bigint := cardinality(p_event_ids);
+    v_exact bigint := CASE WHEN p_expected >= 0 THEN p_expected
+                           WHEN p_expected = -2 THEN 0 END;
+    f       record;
+    l       record;
+    v_bad   uuid;
+BEGIN
+    SELECT e.stream_id AS sid, e.stream_version AS ver, e.position AS pos,
+           e.transaction_id::text::bigint AS c
+      INTO f
+      FROM vextrus_events e WHERE e.event_id = p_event_ids[1];
+    IF NOT FOUND THEN
+        SELECT b.id INTO v_bad
+          FROM unnest(p_event_ids) WITH ORDINALITY AS b(id, ord)
+         WHERE EXISTS (SELECT 1 FROM vextrus_events e WHERE e.event_id = b.id)
+         ORDER BY b.ord LIMIT 1;
+        RETURN QUERY SELECT 3::smallint, NULL::bigint, NULL::bigint, NULL::bigint,
+                            NULL::bigint, NULL::bigint, v_bad;
+        RETURN;
+    END IF;
+    IF f.sid <> p_stream_id THEN
+        RETURN QUERY SELECT 3::smallint, NULL::bigint, NULL::bigint, NULL::bigint,
+                            NULL::bigint, NULL::bigint, p_event_ids[1];
+        RETURN;
+    END IF;
+    IF v_exact IS NOT NULL AND f.ver <> v_exact + 1 THEN
+        RETURN QUERY SELECT 1::smallint,
+                            (SELECT s.version FROM vextrus_streams s WHERE s.stream_id = p_stream_id),
+                            NULL::bigint, NULL::bigint, NULL::bigint, NULL::bigint, NULL::uuid;
+        RETURN;
+    END IF;
+    SELECT b.id INTO v_bad
+      FROM unnest(p_event_ids) WITH ORDINALITY AS b(id, ord)
+      LEFT JOIN vextrus_events e
+        ON e.stream_id = p_stream_id AND e.stream_version = f.ver + b.ord - 1
+     WHERE e.event_id IS DISTINCT FROM b.id
+     ORDER BY b.ord LIMIT 1;
+    IF FOUND THEN
+        RETURN QUERY SELECT 3::smallint, NULL::bigint, NULL::bigint, NULL::bigint,
+                            NULL::bigint, NULL::bigint, v_bad;
+        RETURN;
+    END IF;
+    SELECT e.stream_version AS ver, e.position AS pos, e.transaction_id::text::bigint AS c
+      INTO l
+      FROM vextrus_events e
+     WHERE e.stream_id = p_stream_id AND e.stream_version = f.ver + n - 1;
+    RETURN QUERY SELECT 2::smallint, l.ver, f.pos, f.c, l.pos, l.c, NULL::uuid;
+END;
 $$;
 
 -- Appends a batch to a stream in one statement (one round trip):
@@ -135,7 +196,7 @@ DECLARE
     v_commit bigint;
 BEGIN
     IF EXISTS (SELECT 1 FROM vextrus_events e WHERE e.event_id = ANY (p_event_ids)) THEN
-        RETURN QUERY SELECT * FROM vextrus_classify_duplicate(p_stream_id, p_event_ids);
+        RETURN QUERY SELECT * FROM vextrus_classify_duplicate(p_stream_id, p_expected, p_event_ids);
         RETURN;
     END IF;
 
@@ -161,7 +222,7 @@ BEGIN
         -- A concurrent append of this very batch may have committed while we
         -- waited for the stream row: that is a re-append, not a conflict.
         IF EXISTS (SELECT 1 FROM vextrus_events e WHERE e.event_id = ANY (p_event_ids)) THEN
-            RETURN QUERY SELECT * FROM vextrus_classify_duplicate(p_stream_id, p_event_ids);
+            RETURN QUERY SELECT * FROM vextrus_classify_duplicate(p_stream_id, p_expected, p_event_ids);
             RETURN;
         END IF;
         RETURN QUERY

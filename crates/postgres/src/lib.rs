@@ -29,12 +29,17 @@
 //! every row stores its transaction's id (`xid8`); readers order and
 //! checkpoint by `(transaction id, position)` ([`vextrus_core::GlobalPosition`]
 //! `{ commit, position }`) and read only rows whose transaction id is below
-//! `pg_snapshot_xmin(pg_current_snapshot())`, the oldest transaction still
-//! running. Every transaction below that horizon has finished, and every
+//! a horizon: the oldest transaction still running in the reading
+//! statement's snapshot (`pg_snapshot_xip(pg_current_snapshot())`), leaving
+//! out transactions that `pg_stat_activity` shows running in another
+//! database (transaction ids are cluster-wide, but only this database's
+//! transactions can write its log; one that cannot be placed counts as this
+//! database's). Every transaction below that horizon has finished, and every
 //! transaction that can still commit has a larger id than anything read.
 //!
-//! The cost: while any transaction of the cluster is open, readers of the
-//! global log wait for it (appends and stream reads do not). A rolled-back
+//! The cost: while a transaction of this database that started before an
+//! event's is open, readers of the global log wait for it (appends and
+//! stream reads do not). A rolled-back
 //! transaction stops holding readers the moment it rolls back. The bound on
 //! an abandoned appender is
 //! [`PgStoreConfig::idle_in_transaction_timeout`]: the server ends a session

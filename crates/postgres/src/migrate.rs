@@ -60,7 +60,8 @@ pub(crate) async fn run(pool: &PgPool) -> Result<usize> {
 }
 
 async fn apply_all(conn: &mut sqlx::PgConnection) -> Result<usize> {
-    sqlx::raw_sql(
+    sqlx::Executor::execute(
+        &mut *conn,
         "CREATE TABLE IF NOT EXISTS vextrus_schema_migrations (
             version    bigint PRIMARY KEY,
             name       text        NOT NULL,
@@ -68,7 +69,6 @@ async fn apply_all(conn: &mut sqlx::PgConnection) -> Result<usize> {
             applied_at timestamptz NOT NULL DEFAULT now()
         )",
     )
-    .execute(&mut *conn)
     .await
     .map_err(map_sqlx)?;
     let applied: Vec<(i64, i64)> =
@@ -89,8 +89,7 @@ async fn apply_all(conn: &mut sqlx::PgConnection) -> Result<usize> {
             continue;
         }
         let mut tx = conn.begin().await.map_err(map_sqlx)?;
-        sqlx::raw_sql(m.sql)
-            .execute(&mut *tx)
+        sqlx::Executor::execute(&mut *tx, m.sql)
             .await
             .map_err(map_sqlx)?;
         sqlx::query(

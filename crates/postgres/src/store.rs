@@ -220,10 +220,7 @@ impl PgEventStore {
         events: &[NewEvent],
     ) -> Result<AppendResult> {
         let args = AppendArgs::new(events, self.config.max_payload_bytes)?;
-        match self
-            .call_append(tx, stream_id, expected, &args)
-            .await
-        {
+        match self.call_append(tx, stream_id, expected, &args).await {
             Err(AppendFailure::EventIdTaken) => Err(EventStoreError::PartialDuplicate {
                 stream_id: stream_id.clone(),
                 event_id: events[0].event_id,
@@ -378,32 +375,62 @@ impl PgEventStore {
         rows.iter().map(decode_event).collect()
     }
 
-    /// Reads a global-log page (see [`EventReader::read_all`]) on any
-    /// connection: the pool, or a caller's transaction.
-    pub(crate) async fn read_all_on<'c, E>(
-        executor: E,
+    /// Reads a global-log page (see [`EventReader::read_all`]).
+    ///
+    /// When the horizon was held by a transaction that could not be placed
+    /// in a database (it most likely finished between the statement's
+    /// snapshot and the look-up) and the page is not full, asks again a few
+    /// times, so that a reader does not see a momentary, spurious end of the
+    /// log.
+    async fn read_all_impl(
+        &self,
         from: GlobalPosition,
         filter: &EventFilter,
         limit: usize,
-    ) -> Result<GlobalPage>
-    where
-        E: sqlx::Executor<'c, Database = Postgres>,
-    {
+    ) -> Result<GlobalPage> {
+        let mut attempt = 0;
+        loop {
+            let (page, unplaced) = self.read_all_once(from, filter, limit).await?;
+            attempt += 1;
+            if !unplaced || page.events.len() == limit || attempt >= HORIZON_RETRIES {
+                return Ok(page);
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    async fn read_all_once(
+        &self,
+        from: GlobalPosition,
+        filter: &EventFilter,
+        limit: usize,
+    ) -> Result<(GlobalPage, bool)> {
         if limit == 0 {
-            return Ok(GlobalPage {
-                events: Vec::new(),
-                scanned_to: from,
-            });
+            return Ok((
+                GlobalPage {
+                    events: Vec::new(),
+                    scanned_to: from,
+                },
+                false,
+            ));
         }
         let (category, prefix, types) = filter_params(filter);
         let sql = format!(
-            "WITH h AS MATERIALIZED (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin) \
-             SELECT (SELECT h.xmin::text::bigint FROM h) AS horizon, {EVENT_COLUMNS} \
+            "WITH h AS MATERIALIZED (SELECT * FROM vextrus_log_horizon()), \
+             tail AS MATERIALIZED ( \
+                SELECT e.transaction_id::text::bigint AS c, e.position AS p \
+                FROM vextrus_events e, h \
+                WHERE (e.transaction_id, e.position) > ($1::bigint::text::xid8, $2) \
+                  AND e.transaction_id < h.horizon \
+                ORDER BY e.transaction_id DESC, e.position DESC \
+                LIMIT 1) \
+             SELECT (SELECT tail.c FROM tail), (SELECT tail.p FROM tail), \
+                    (SELECT h.unplaced FROM h), {EVENT_COLUMNS} \
              FROM (SELECT NULL) AS one \
              LEFT JOIN LATERAL ( \
                 SELECT e.* FROM vextrus_events e, h \
                 WHERE (e.transaction_id, e.position) > ($1::bigint::text::xid8, $2) \
-                  AND e.transaction_id < h.xmin \
+                  AND e.transaction_id < h.horizon \
                   AND ($3::text IS NULL OR split_part(e.stream_id, '-', 1) = $3) \
                   AND ($4::text IS NULL OR starts_with(e.stream_id, $4)) \
                   AND ($5::text[] IS NULL OR e.event_type = ANY ($5)) \
@@ -419,57 +446,69 @@ impl PgEventStore {
             .bind(prefix)
             .bind(types)
             .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-            .fetch_all(executor)
+            .fetch_all(&self.pool)
             .await
             .map_err(map_sqlx)?;
-        let horizon: i64 = match rows.first() {
-            Some(r) => r.try_get(0).map_err(map_sqlx)?,
-            None => 0,
+        // The last readable row after `from`, whether or not the filter
+        // kept it: when the page is not full, everything up to it was seen.
+        let (tail, unplaced) = match rows.first() {
+            Some(r) => {
+                let c: Option<i64> = r.try_get(0).map_err(map_sqlx)?;
+                let p: Option<i64> = r.try_get(1).map_err(map_sqlx)?;
+                let unplaced: Option<bool> = r.try_get(2).map_err(map_sqlx)?;
+                (
+                    c.zip(p)
+                        .map(|(c, p)| GlobalPosition::new(to_u64(c), to_u64(p))),
+                    unplaced.unwrap_or(false),
+                )
+            }
+            None => (None, false),
         };
         let mut events = Vec::with_capacity(rows.len());
         for row in &rows {
-            let position: Option<i64> = row.try_get(1).map_err(map_sqlx)?;
+            let position: Option<i64> = row.try_get(3).map_err(map_sqlx)?;
             if position.is_some() {
-                events.push(decode_event_at(row, 1)?);
+                events.push(decode_event_at(row, 3)?);
             }
         }
+        let last = events.last().map_or(from, |e| e.position);
         let scanned_to = if events.len() == limit {
-            events.last().map_or(from, |e| e.position)
+            last
         } else {
-            // Every row of a transaction below the horizon is final and was
-            // read: a later read may start just below the horizon.
-            let below_horizon = GlobalPosition::new(to_u64(horizon - 1), i64::MAX as u64);
-            let last = events.last().map_or(from, |e| e.position);
-            from.max(last)
-                .max(if horizon > 0 { below_horizon } else { from })
+            last.max(tail.unwrap_or(from))
         };
-        Ok(GlobalPage { events, scanned_to })
+        Ok((GlobalPage { events, scanned_to }, unplaced))
     }
 
     /// How many readable events lie after `from` and pass `filter`.
-    pub(crate) async fn count_after_impl(
-        &self,
-        from: GlobalPosition,
-        filter: &EventFilter,
-    ) -> Result<u64> {
+    async fn count_after_impl(&self, from: GlobalPosition, filter: &EventFilter) -> Result<u64> {
         let (category, prefix, types) = filter_params(filter);
-        let n: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM vextrus_events e \
-             WHERE (e.transaction_id, e.position) > ($1::bigint::text::xid8, $2) \
-               AND e.transaction_id < pg_snapshot_xmin(pg_current_snapshot()) \
-               AND ($3::text IS NULL OR split_part(e.stream_id, '-', 1) = $3) \
-               AND ($4::text IS NULL OR starts_with(e.stream_id, $4)) \
-               AND ($5::text[] IS NULL OR e.event_type = ANY ($5))",
-        )
-        .bind(to_i64(from.commit))
-        .bind(to_i64(from.position))
-        .bind(category)
-        .bind(prefix)
-        .bind(types)
-        .fetch_one(&self.pool)
-        .await
-        .map_err(map_sqlx)?;
-        Ok(to_u64(n))
+        let mut attempt = 0;
+        loop {
+            let (n, unplaced): (i64, bool) = sqlx::query_as(
+                "WITH h AS MATERIALIZED (SELECT * FROM vextrus_log_horizon()) \
+                 SELECT (SELECT count(*) FROM vextrus_events e, h \
+                   WHERE (e.transaction_id, e.position) > ($1::bigint::text::xid8, $2) \
+                     AND e.transaction_id < h.horizon \
+                     AND ($3::text IS NULL OR split_part(e.stream_id, '-', 1) = $3) \
+                     AND ($4::text IS NULL OR starts_with(e.stream_id, $4)) \
+                     AND ($5::text[] IS NULL OR e.event_type = ANY ($5))), \
+                   (SELECT h.unplaced FROM h)",
+            )
+            .bind(to_i64(from.commit))
+            .bind(to_i64(from.position))
+            .bind(&category)
+            .bind(&prefix)
+            .bind(&types)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(map_sqlx)?;
+            attempt += 1;
+            if !unplaced || attempt >= HORIZON_RETRIES {
+                return Ok(to_u64(n));
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
     }
 
     /// The age of the oldest event after `from` that a reader could read
@@ -482,9 +521,11 @@ impl PgEventStore {
     ) -> Result<Option<Duration>> {
         let (category, prefix, types) = filter_params(filter);
         let secs: Option<f64> = sqlx::query_scalar(
-            "SELECT extract(epoch FROM now() - min(e.recorded_at))::float8 FROM vextrus_events e \
+            "WITH h AS MATERIALIZED (SELECT * FROM vextrus_log_horizon()) \
+             SELECT extract(epoch FROM now() - min(e.recorded_at))::float8 \
+             FROM vextrus_events e, h \
              WHERE (e.transaction_id, e.position) > ($1::bigint::text::xid8, $2) \
-               AND e.transaction_id < pg_snapshot_xmin(pg_current_snapshot()) \
+               AND e.transaction_id < h.horizon \
                AND ($3::text IS NULL OR split_part(e.stream_id, '-', 1) = $3) \
                AND ($4::text IS NULL OR starts_with(e.stream_id, $4)) \
                AND ($5::text[] IS NULL OR e.event_type = ANY ($5))",
@@ -500,6 +541,10 @@ impl PgEventStore {
         Ok(secs.map(|s| Duration::from_secs_f64(s.max(0.0))))
     }
 }
+
+/// How many times a global-log read asks again when an unplaced transaction
+/// held its horizon.
+const HORIZON_RETRIES: u32 = 5;
 
 /// Why a call of the append function failed.
 enum AppendFailure {
@@ -664,7 +709,7 @@ impl EventReader for PgEventStore {
         filter: &EventFilter,
         limit: usize,
     ) -> Result<GlobalPage> {
-        Self::read_all_on(&self.pool, from, filter, limit).await
+        self.read_all_impl(from, filter, limit).await
     }
 
     async fn stream_version(&self, stream_id: &StreamId) -> Result<Option<u64>> {

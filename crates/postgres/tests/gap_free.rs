@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
-use sqlx::{Postgres, Transaction};
+use sqlx::{Connection, Postgres, Transaction};
 use tokio::sync::watch;
 use vextrus_core::{
     EventAppender, EventFilter, EventReader, ExpectedVersion, GlobalPosition, NewEvent,
@@ -349,4 +349,72 @@ async fn held_and_rolled_back_appenders_stall_subscribers_within_the_bound() {
     assert_eq!(ids.len(), delivered.len());
     store.pool().close().await;
     db.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_in_another_database_does_not_stall_readers() {
+    let db = common::TestDb::create().await;
+    let other = common::TestDb::create().await;
+    let store = db.store(PgStoreConfig::default()).await;
+    // A transaction in another database takes a transaction id and stays open.
+    let mut other_conn = sqlx::PgConnection::connect(&other.url).await.unwrap();
+    let mut other_tx = sqlx::Connection::begin(&mut other_conn).await.unwrap();
+    sqlx::query("SELECT pg_current_xact_id()")
+        .execute(&mut *other_tx)
+        .await
+        .unwrap();
+
+    let id = append_one(&store, "order-1").await;
+    let page = store
+        .read_all(GlobalPosition::START, &EventFilter::all(), 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        page.events
+            .iter()
+            .map(RecordedEvent::event_id)
+            .collect::<Vec<_>>(),
+        vec![id]
+    );
+    assert_eq!(
+        store
+            .count_after(GlobalPosition::START, &EventFilter::all())
+            .await
+            .unwrap(),
+        1
+    );
+
+    // The same transaction in *this* database does hold readers back.
+    let mut tx = store.pool().begin().await.unwrap();
+    sqlx::query("SELECT pg_current_xact_id()")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let second = append_one(&store, "order-2").await;
+    let page = store
+        .read_all(page.scanned_to, &EventFilter::all(), 10)
+        .await
+        .unwrap();
+    assert!(
+        page.events.is_empty(),
+        "held back by an older open transaction of this database"
+    );
+    tx.rollback().await.unwrap();
+    let page = store
+        .read_all(page.scanned_to, &EventFilter::all(), 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        page.events
+            .iter()
+            .map(RecordedEvent::event_id)
+            .collect::<Vec<_>>(),
+        vec![second]
+    );
+
+    other_tx.rollback().await.unwrap();
+    sqlx::Connection::close(other_conn).await.ok();
+    store.pool().close().await;
+    db.drop_db().await;
+    other.drop_db().await;
 }

@@ -38,12 +38,13 @@ pub(crate) struct TestDb {
 impl TestDb {
     pub(crate) async fn create() -> TestDb {
         let admin = admin_url();
-        let name = format!("vextrus_t_{}", uuid::Uuid::new_v4().simple());
+        // UUIDv7: the name carries its creation time, so leftovers can be found.
+        let name = format!("vextrus_t_{}", uuid::Uuid::now_v7().simple());
         let mut conn = PgConnection::connect(&admin)
             .await
             .unwrap_or_else(|e| panic!("PostgreSQL is required at {admin}: {e}"));
-        sqlx::raw_sql(&format!("CREATE DATABASE \"{name}\""))
-            .execute(&mut conn)
+        drop_leftovers(&mut conn).await;
+        sqlx::Executor::execute(&mut conn, format!("CREATE DATABASE \"{name}\"").as_str())
             .await
             .unwrap();
         conn.close().await.ok();
@@ -61,14 +62,45 @@ impl TestDb {
     /// Drops the database, ending any session still connected to it.
     pub(crate) async fn drop_db(self) {
         let mut conn = PgConnection::connect(&admin_url()).await.unwrap();
-        sqlx::raw_sql(&format!(
-            "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
-            self.name
-        ))
-        .execute(&mut conn)
+        sqlx::Executor::execute(
+            &mut conn,
+            format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.name).as_str(),
+        )
         .await
         .unwrap();
         conn.close().await.ok();
+    }
+}
+
+/// Drops test databases older than an hour that a test could not drop (the
+/// conformance suite's stores have no teardown), once per test process.
+async fn drop_leftovers(conn: &mut PgConnection) {
+    static DONE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if DONE.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        return;
+    }
+    let names: Vec<String> = sqlx::query_scalar(
+        "SELECT datname::text FROM pg_database WHERE datname LIKE 'vextrus\\_t\\_%'",
+    )
+    .fetch_all(&mut *conn)
+    .await
+    .unwrap();
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    for name in names {
+        let Some(hex) = name.strip_prefix("vextrus_t_").and_then(|h| h.get(..12)) else {
+            continue;
+        };
+        let Ok(created_ms) = i64::from_str_radix(hex, 16) else {
+            continue;
+        };
+        if now_ms - created_ms > 3_600_000 {
+            sqlx::Executor::execute(
+                &mut *conn,
+                format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)").as_str(),
+            )
+            .await
+            .ok();
+        }
     }
 }
 
