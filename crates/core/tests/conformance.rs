@@ -16,8 +16,15 @@ impl EventStoreBackend for Memory {
         InMemoryEventStore::with_max_payload_bytes(max_payload_bytes)
     }
 
-    async fn add_in_tx(tx: &mut InMemoryTransaction, key: &str, delta: i64) -> Result<(), BoxError> {
-        let n = tx.get(COLLECTION, key).and_then(|v| v.as_i64()).unwrap_or(0);
+    async fn add_in_tx(
+        tx: &mut InMemoryTransaction,
+        key: &str,
+        delta: i64,
+    ) -> Result<(), BoxError> {
+        let n = tx
+            .get(COLLECTION, key)
+            .and_then(|v| v.as_i64())
+            .unwrap_or(0);
         tx.put(COLLECTION, key, serde_json::json!(n + delta));
         Ok(())
     }
