@@ -1,0 +1,237 @@
+//! One-call setup: [`init`] and [`try_init`], and the [`TelemetryGuard`]
+//! that flushes and shuts everything down.
+
+use std::net::SocketAddr;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::{Protocol, WithExportConfig, WithHttpConfig};
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::Layer;
+use tracing_subscriber::layer::SubscriberExt;
+
+use crate::runtime::{BackgroundRuntime, OtlpHttpClient, serve_metrics, spawn_upkeep};
+use crate::{LogFormat, TelemetryConfig, TelemetryError, names};
+
+/// Histogram buckets (seconds) for every `*_seconds` metric: 0.5 ms to 10 s,
+/// dense where appends, publishes and saga steps usually land.
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// The instrumentation scope name vextrus spans are recorded under.
+pub const TRACER_NAME: &str = "vextrus";
+
+/// Sets up telemetry for a service, refusing to replace anything already
+/// installed:
+///
+/// * a global `tracing` subscriber: `EnvFilter` from the config, human or
+///   JSON logs on stderr, and an OpenTelemetry layer. The layer is always
+///   installed, so spans get W3C trace ids that propagate to downstream
+///   services even when this one exports nothing; spans are exported over
+///   OTLP/HTTP (protobuf) only when an endpoint is configured;
+/// * the global OpenTelemetry tracer provider and the W3C Trace Context
+///   propagator;
+/// * the Prometheus recorder behind the `metrics` facade, with every metric
+///   of [`names::ALL_METRICS`] described, a `service` label, and
+///   [`LATENCY_BUCKETS`] for every `*_seconds` histogram; `/metrics` is
+///   served when a listen address is configured.
+///
+/// Keep the returned guard alive for the life of the service: dropping it
+/// flushes pending spans and stops the exporter and the metrics listener.
+///
+/// Fails with [`TelemetryError::AlreadyInstalled`] when a subscriber or
+/// recorder is already installed (see [`try_init`] for tests).
+///
+/// ```no_run
+/// use vextrus_telemetry::{init, TelemetryConfig};
+///
+/// # fn main() -> Result<(), vextrus_telemetry::TelemetryError> {
+/// let _telemetry = init(TelemetryConfig::from_env("sales")?)?;
+/// tracing::info!("sales service started");
+/// # Ok(())
+/// # }
+/// ```
+pub fn init(config: TelemetryConfig) -> Result<TelemetryGuard, TelemetryError> {
+    setup(config, true)
+}
+
+/// Like [`init`], but a subscriber or metrics recorder that is already
+/// installed is kept rather than reported as an error: the guard then says
+/// what it did install ([`TelemetryGuard::installed_subscriber`],
+/// [`TelemetryGuard::installed_recorder`]). Meant for tests, where several
+/// tests of one binary each ask for telemetry; the first to ask owns it.
+pub fn try_init(config: TelemetryConfig) -> Result<TelemetryGuard, TelemetryError> {
+    setup(config, false)
+}
+
+fn setup(config: TelemetryConfig, strict: bool) -> Result<TelemetryGuard, TelemetryError> {
+    let filter = EnvFilter::try_new(config.env_filter()).map_err(|source| {
+        TelemetryError::InvalidFilter {
+            filter: config.env_filter().to_owned(),
+            source,
+        }
+    })?;
+
+    // Bind first: a bad address should fail before anything global changes.
+    let metrics_listener = config
+        .metrics_addr()
+        .map(|addr| {
+            std::net::TcpListener::bind(addr).map_err(|source| TelemetryError::Io {
+                what: "the metrics listener",
+                source,
+            })
+        })
+        .transpose()?;
+
+    let runtime = BackgroundRuntime::start()?;
+    let runtime_handle = runtime.handle().clone();
+    let mut guard = TelemetryGuard {
+        tracer_provider: None,
+        metrics: None,
+        metrics_addr: None,
+        installed_subscriber: false,
+        installed_recorder: false,
+        runtime: Some(runtime),
+    };
+
+    // Tracing and OpenTelemetry.
+    let mut provider = SdkTracerProvider::builder().with_resource(
+        Resource::builder()
+            .with_service_name(config.service_name().to_owned())
+            .build(),
+    );
+    if let Some(url) = config.otlp_traces_url() {
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .with_http_client(OtlpHttpClient::new(
+                runtime_handle.clone(),
+                config.export_timeout(),
+            ))
+            .with_protocol(Protocol::HttpBinary)
+            .with_endpoint(url)
+            .with_timeout(config.export_timeout())
+            .build()
+            .map_err(|e| TelemetryError::Otlp(Box::new(e)))?;
+        provider = provider.with_batch_exporter(exporter);
+    }
+    let provider = provider.build();
+    guard.tracer_provider = Some(provider.clone());
+    let otel_layer = tracing_opentelemetry::layer().with_tracer(provider.tracer(TRACER_NAME));
+    let fmt_layer = match config.log_format() {
+        LogFormat::Human => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .with_writer(std::io::stderr)
+            .boxed(),
+    };
+    let subscriber = tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt_layer)
+        .with(otel_layer);
+    match tracing::subscriber::set_global_default(subscriber) {
+        Ok(()) => guard.installed_subscriber = true,
+        Err(_) if strict => return Err(TelemetryError::AlreadyInstalled("tracing subscriber")),
+        Err(_) => {}
+    }
+    if guard.installed_subscriber {
+        opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+        opentelemetry::global::set_tracer_provider(provider);
+    }
+
+    // Metrics.
+    let builder = PrometheusBuilder::new()
+        .add_global_label(names::LABEL_SERVICE, config.service_name())
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".to_owned()), LATENCY_BUCKETS)
+        .map_err(|e| TelemetryError::Prometheus(Box::new(e)))?;
+    match builder.install_recorder() {
+        Ok(handle) => {
+            guard.installed_recorder = true;
+            names::describe_metrics();
+            spawn_upkeep(&runtime_handle, handle.clone());
+            if let Some(listener) = metrics_listener {
+                guard.metrics_addr =
+                    Some(serve_metrics(&runtime_handle, listener, handle.clone())?);
+            }
+            guard.metrics = Some(handle);
+        }
+        Err(_) if strict => return Err(TelemetryError::AlreadyInstalled("metrics recorder")),
+        Err(_) => {
+            if metrics_listener.is_some() {
+                tracing::warn!("a metrics recorder is already installed; not serving /metrics");
+            }
+        }
+    }
+    Ok(guard)
+}
+
+/// Keeps telemetry running; dropping it flushes pending spans, shuts the
+/// exporter down and stops the `/metrics` listener.
+///
+/// (The global subscriber and recorder cannot be uninstalled; after the
+/// guard is gone they keep logging and counting, but nothing is exported
+/// or served.)
+#[derive(Debug)]
+pub struct TelemetryGuard {
+    tracer_provider: Option<SdkTracerProvider>,
+    metrics: Option<PrometheusHandle>,
+    metrics_addr: Option<SocketAddr>,
+    installed_subscriber: bool,
+    installed_recorder: bool,
+    // Dropped last: the exporter's HTTP client runs on it.
+    runtime: Option<BackgroundRuntime>,
+}
+
+impl TelemetryGuard {
+    /// The address `/metrics` is served on (useful with port 0), if served.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
+    /// The current metrics in the Prometheus text format, if this guard
+    /// installed the recorder (for services that serve it on their own
+    /// HTTP router).
+    pub fn render_metrics(&self) -> Option<String> {
+        self.metrics.as_ref().map(PrometheusHandle::render)
+    }
+
+    /// Whether this guard installed the global `tracing` subscriber.
+    pub fn installed_subscriber(&self) -> bool {
+        self.installed_subscriber
+    }
+
+    /// Whether this guard installed the global metrics recorder.
+    pub fn installed_recorder(&self) -> bool {
+        self.installed_recorder
+    }
+
+    /// Exports every finished span now, waiting for the exporter.
+    pub fn force_flush(&self) -> Result<(), TelemetryError> {
+        match &self.tracer_provider {
+            Some(p) => p
+                .force_flush()
+                .map_err(|e| TelemetryError::Otlp(Box::new(e))),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for TelemetryGuard {
+    fn drop(&mut self) {
+        if let Some(provider) = self.tracer_provider.take()
+            && let Err(e) = provider.shutdown()
+        {
+            // The subscriber may be gone or this guard's; stderr is the one
+            // place certain to be seen.
+            eprintln!("vextrus-telemetry: flushing spans on shutdown failed: {e}");
+        }
+        drop(self.runtime.take());
+    }
+}
