@@ -46,12 +46,19 @@ pub const TRACER_NAME: &str = "vextrus";
 /// Fails with [`TelemetryError::AlreadyInstalled`] when a subscriber or
 /// recorder is already installed (see [`try_init`] for tests).
 ///
-/// ```no_run
-/// use vextrus_telemetry::{init, TelemetryConfig};
+/// ```
+/// use vextrus_telemetry::{init, names, record, Outcome, TelemetryConfig};
 ///
 /// # fn main() -> Result<(), vextrus_telemetry::TelemetryError> {
-/// let _telemetry = init(TelemetryConfig::from_env("sales")?)?;
+/// // In a service: `init(TelemetryConfig::from_env("sales")?)?`.
+/// let config = TelemetryConfig::new("sales").with_metrics_addr("127.0.0.1:0".parse().unwrap());
+/// let telemetry = init(config)?;
 /// tracing::info!("sales service started");
+///
+/// record::event_append(1, std::time::Duration::from_millis(3), Outcome::Ok);
+/// assert!(telemetry.metrics_addr().is_some()); // GET http://<addr>/metrics
+/// let text = telemetry.render_metrics().unwrap();
+/// assert!(text.contains(names::EVENTS_APPENDED_TOTAL));
 /// # Ok(())
 /// # }
 /// ```

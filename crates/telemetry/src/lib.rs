@@ -15,45 +15,52 @@
 //!   one function per measurement.
 //! * [`TimedExt`] / [`timed`]: time any future into a histogram and a span.
 //!
-//! A trace across an append, the outbox and a consumer:
+//! A trace across an append, the outbox and a consumer (under a scoped
+//! subscriber with the same OpenTelemetry layer [`init`] installs, minus
+//! export):
 //!
 //! ```
 //! use std::collections::HashMap;
-//! use tracing::Instrument;
+//! use opentelemetry::trace::TracerProvider as _;
+//! use tracing_subscriber::layer::SubscriberExt;
 //! use vextrus_kernel::EventMetadata;
-//! use vextrus_telemetry::{inject_headers, inject_into_metadata, spans};
+//! use vextrus_telemetry::{current_trace_context, inject_headers, inject_into_metadata, spans};
 //!
-//! # async fn demo() {
-//! // Deciding service: the event carries the trace.
-//! let mut metadata = EventMetadata::new();
-//! async { inject_into_metadata(&mut metadata); }
-//!     .instrument(spans::event_append("order-42", 1))
-//!     .await;
+//! let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
+//! let subscriber = tracing_subscriber::registry()
+//!     .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("doc")));
+//! tracing::subscriber::with_default(subscriber, || {
+//!     // Deciding service: the appended event carries the trace.
+//!     let mut metadata = EventMetadata::new();
+//!     spans::event_append("order-42", 1).in_scope(|| inject_into_metadata(&mut metadata));
+//!     let stored = metadata.trace_context.clone().expect("inside a span");
 //!
-//! // Relay, later: publish inside a span continuing the stored trace.
-//! let mut headers: HashMap<String, String> = HashMap::new();
-//! let publish = spans::outbox_publish("msg-1", "sales.orders", metadata.trace_context.as_ref());
-//! publish.in_scope(|| inject_headers(&mut headers));
+//!     // Relay, later: publish inside a span continuing the stored trace.
+//!     let mut headers: HashMap<String, String> = HashMap::new();
+//!     spans::outbox_publish("msg-1", "sales.orders", Some(&stored))
+//!         .in_scope(|| inject_headers(&mut headers));
 //!
-//! // Consumer: its span continues the trace from the headers.
-//! let consume = spans::message_consume("msg-1", "sales.orders", &headers);
-//! async { /* handle the message */ }.instrument(consume).await;
-//! # }
+//!     // Consumer: its span continues the trace from the headers.
+//!     let consume = spans::message_consume("msg-1", "sales.orders", &headers);
+//!     let seen = consume.in_scope(current_trace_context).unwrap();
+//!     assert_eq!(seen.trace_id(), stored.trace_id());
+//!     assert_ne!(seen.parent_id(), stored.parent_id());
+//! });
 //! ```
 
-pub mod config;
-pub mod error;
-pub mod init;
+mod config;
+mod error;
+mod init;
 pub mod names;
 pub mod propagation;
 pub mod record;
 mod runtime;
 pub mod spans;
-pub mod timing;
+mod timing;
 
 pub use config::{LogFormat, TelemetryConfig};
 pub use error::TelemetryError;
-pub use init::{TelemetryGuard, init, try_init};
+pub use init::{LATENCY_BUCKETS, TRACER_NAME, TelemetryGuard, init, try_init};
 pub use propagation::{
     HeaderSink, HeaderSource, context_from, continue_from_headers, continue_trace,
     current_trace_context, extract_headers, extract_headers_lenient, inject_headers,

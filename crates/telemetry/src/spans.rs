@@ -10,10 +10,11 @@
 //! use tracing::Instrument;
 //! use vextrus_telemetry::spans;
 //!
-//! # async fn append() {}
-//! # async fn demo() {
-//! append().instrument(spans::event_append("order-42", 3)).await;
-//! # }
+//! async fn append() -> u64 { 3 }
+//!
+//! let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+//! let version = rt.block_on(append().instrument(spans::event_append("order-42", 3)));
+//! assert_eq!(version, 3);
 //! ```
 
 use std::fmt::Display;
@@ -39,7 +40,7 @@ pub fn event_append(stream_id: impl Display, events: usize) -> Span {
     tracing::info_span!(
         "vextrus.event.append",
         vextrus.stream.id = %stream_id,
-        vextrus.event.count = events as u64,
+        vextrus.event.count = i64::try_from(events).unwrap_or(i64::MAX),
     )
 }
 

@@ -1,17 +1,6 @@
 //! Time any async operation into a histogram and a span with one line.
 //!
-//! ```
-//! use vextrus_telemetry::TimedExt;
-//!
-//! # async fn reserve_stock() -> Result<u32, std::io::Error> { Ok(3) }
-//! # async fn demo() -> Result<(), std::io::Error> {
-//! // Records vextrus_operation_seconds{operation="inventory.reserve",outcome=...}
-//! // and runs inside a span exported as "inventory.reserve".
-//! let reserved = reserve_stock().timed("inventory.reserve").await?;
-//! # let _ = reserved;
-//! # Ok(())
-//! # }
-//! ```
+//! See [`TimedExt`] for an example.
 //!
 //! [`TimedExt::timed`] labels any completed future `ok`; [`TimedExt::try_timed`]
 //! (for futures returning `Result<T, E>` with `E: HasErrorKind`) labels
@@ -141,11 +130,10 @@ impl<F: Future> Future for Timed<F> {
 /// ```
 /// use vextrus_telemetry::{names, timed};
 ///
-/// # async fn demo() {
+/// let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
 /// let labels = [(names::LABEL_SAGA_TYPE, "order_to_cash"), (names::LABEL_STEP, "reserve")];
-/// let n = timed(names::SAGA_STEP_SECONDS, &labels, async { 42 }).await;
+/// let n = rt.block_on(timed(names::SAGA_STEP_SECONDS, &labels, async { 42 }));
 /// assert_eq!(n, 42);
-/// # }
 /// ```
 pub fn timed<F: IntoFuture>(
     metric: &'static str,
@@ -183,7 +171,31 @@ where
 
 /// `.timed("op")` and `.try_timed("op")` on any future: times it into
 /// [`names::OPERATION_SECONDS`] with label `operation="op"`, inside a span
-/// exported as `op`.
+/// exported as `op`. A future dropped before it completes is recorded as
+/// `cancelled`; the clock starts at the first poll.
+///
+/// ```
+/// use vextrus_kernel::{ErrorKind, HasErrorKind};
+/// use vextrus_telemetry::TimedExt;
+///
+/// #[derive(Debug)]
+/// struct OutOfStock;
+/// impl HasErrorKind for OutOfStock {
+///     fn kind(&self) -> ErrorKind { ErrorKind::Conflict }
+/// }
+/// async fn reserve_stock(qty: u32) -> Result<u32, OutOfStock> {
+///     if qty <= 3 { Ok(qty) } else { Err(OutOfStock) }
+/// }
+///
+/// let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+/// // vextrus_operation_seconds{operation="inventory.reserve",outcome="ok"}
+/// let reserved = rt.block_on(reserve_stock(2).try_timed("inventory.reserve"));
+/// assert_eq!(reserved.unwrap(), 2);
+/// // ... outcome="conflict", and the span is marked as failed.
+/// assert!(rt.block_on(reserve_stock(9).try_timed("inventory.reserve")).is_err());
+/// // Any future, whatever it returns:
+/// assert_eq!(rt.block_on(async { 42 }.timed("pricing.quote")), 42);
+/// ```
 pub trait TimedExt: Future + Sized {
     /// Times this future; any completion counts as `ok`.
     fn timed(self, operation: &'static str) -> Timed<Self> {
