@@ -44,7 +44,10 @@ pub const TRACER_NAME: &str = "vextrus";
 /// flushes pending spans and stops the exporter and the metrics listener.
 ///
 /// Fails with [`TelemetryError::AlreadyInstalled`] when a subscriber or
-/// recorder is already installed (see [`try_init`] for tests).
+/// recorder is already installed (see [`try_init`] for tests). Configuration
+/// errors (filter, listen address, OTLP endpoint) are found before anything
+/// global is touched; but process-wide state cannot be uninstalled, so a
+/// subscriber installed before the recorder turned out to be taken stays.
 ///
 /// ```
 /// use vextrus_telemetry::{init, names, record, Outcome, TelemetryConfig};

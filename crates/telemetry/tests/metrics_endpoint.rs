@@ -169,4 +169,8 @@ fn a_taken_metrics_port_is_a_typed_error() {
     assert_eq!(err.kind(), ErrorKind::Transient);
     let err = try_init(TelemetryConfig::new("bad").with_env_filter("info,[")).unwrap_err();
     assert!(matches!(err, TelemetryError::InvalidFilter { .. }), "{err}");
+    let err = try_init(TelemetryConfig::new("bad").with_otlp_endpoint("http://bad host:4318"))
+        .unwrap_err();
+    assert!(matches!(err, TelemetryError::Otlp(_)), "{err}");
+    assert_eq!(err.kind(), ErrorKind::Validation);
 }
