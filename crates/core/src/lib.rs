@@ -13,6 +13,7 @@ pub mod projection;
 pub mod repository;
 pub mod store;
 pub mod subscription;
+pub mod transport;
 pub mod types;
 pub mod upcast;
 
