@@ -392,7 +392,9 @@ fn push_filter(qb: &mut QueryBuilder<'_, Sqlite>, filter: &EventFilter) {
     }
 }
 
-/// The append itself, on a connection inside a write transaction.
+/// The append itself, on a connection inside a write transaction: one
+/// statement reads the stream's version and which of the batch's ids are
+/// already stored, one multi-row `INSERT` per 1,000 events writes.
 async fn append_on(
     conn: &mut SqliteConnection,
     max_payload: usize,
@@ -401,99 +403,23 @@ async fn append_on(
     events: &[NewEvent],
 ) -> Result<AppendResult> {
     validate_batch(events, max_payload)?;
-    let current: Option<i64> =
-        sqlx::query_scalar("SELECT MAX(stream_version) FROM events WHERE stream_id = ?")
-            .bind(stream_id.as_str())
-            .fetch_one(&mut *conn)
-            .await
-            .map_err(map_sqlx)?;
-    let current = current.map(to_u64);
-
-    // Idempotent re-append: the batch's first id is already stored.
-    let first = sqlx::query("SELECT stream_id, stream_version FROM events WHERE event_id = ?")
-        .bind(events[0].event_id.to_string())
-        .fetch_optional(&mut *conn)
-        .await
-        .map_err(map_sqlx)?;
-    if let Some(row) = first {
-        let stored_stream: String = row.try_get(0).map_err(map_sqlx)?;
-        let v0 = to_u64(row.try_get(1).map_err(map_sqlx)?);
-        if stored_stream != stream_id.as_str() {
-            return Err(EventStoreError::PartialDuplicate {
-                stream_id: stream_id.clone(),
-                event_id: events[0].event_id,
-            });
-        }
-        if let Some(n) = expected.exact()
-            && v0 != n + 1
-        {
-            return Err(EventStoreError::WrongExpectedVersion {
-                stream_id: stream_id.clone(),
-                expected,
-                actual: current,
-            });
-        }
-        let rows = sqlx::query(
-            "SELECT event_id, position FROM events
-             WHERE stream_id = ? AND stream_version >= ? ORDER BY stream_version LIMIT ?",
-        )
-        .bind(stream_id.as_str())
-        .bind(to_i64(v0, "version")?)
-        .bind(i64::try_from(events.len()).unwrap_or(i64::MAX))
-        .fetch_all(&mut *conn)
-        .await
-        .map_err(map_sqlx)?;
-        let mut positions = Vec::with_capacity(events.len());
-        for (i, e) in events.iter().enumerate() {
-            let stored = match rows.get(i) {
-                Some(r) => Some((
-                    r.try_get::<String, _>(0).map_err(map_sqlx)?,
-                    r.try_get::<i64, _>(1).map_err(map_sqlx)?,
-                )),
-                None => None,
-            };
-            match stored {
-                Some((id, pos)) if id == e.event_id.to_string() => positions.push(to_u64(pos)),
-                _ => {
-                    return Err(EventStoreError::PartialDuplicate {
-                        stream_id: stream_id.clone(),
-                        event_id: e.event_id,
-                    });
-                }
-            }
-        }
-        let (p0, pn) = (positions[0], positions[positions.len() - 1]);
-        return Ok(AppendResult {
-            first_version: v0,
-            last_version: v0 + events.len() as u64 - 1,
-            first_position: GlobalPosition::new(p0, p0),
-            last_position: GlobalPosition::new(pn, pn),
-        });
-    }
-
-    let ids = serde_json::Value::from(
-        events
-            .iter()
-            .map(|e| e.event_id.to_string())
-            .collect::<Vec<_>>(),
+    let ids: Vec<String> = events.iter().map(|e| e.event_id.to_string()).collect();
+    let row = sqlx::query(
+        "SELECT (SELECT MAX(stream_version) FROM events WHERE stream_id = ?1),
+                (SELECT json_group_array(json_array(event_id, stream_id, stream_version, position))
+                   FROM events WHERE event_id IN (SELECT value FROM json_each(?2)))",
     )
-    .to_string();
-    let stored: Option<String> = sqlx::query_scalar(
-        "SELECT event_id FROM events WHERE event_id IN (SELECT value FROM json_each(?)) LIMIT 1",
-    )
-    .bind(&ids)
-    .fetch_optional(&mut *conn)
+    .bind(stream_id.as_str())
+    .bind(serde_json::Value::from(ids.clone()).to_string())
+    .fetch_one(&mut *conn)
     .await
     .map_err(map_sqlx)?;
-    if let Some(id) = stored {
-        let event_id = events
-            .iter()
-            .find(|e| e.event_id.to_string() == id)
-            .map_or(events[0].event_id, |e| e.event_id);
-        return Err(EventStoreError::PartialDuplicate {
-            stream_id: stream_id.clone(),
-            event_id,
-        });
+    let current: Option<i64> = row.try_get(0).map_err(map_sqlx)?;
+    let current = current.map(to_u64);
+    let stored: String = row.try_get(1).map_err(map_sqlx)?;
+    let stored: Vec<(String, String, i64, i64)> = serde_json::from_str(&stored)?;
+    if !stored.is_empty() {
+        return reappend(stream_id, expected, current, events, &ids, &stored);
     }
     if !expected.matches(current) {
         return Err(EventStoreError::WrongExpectedVersion {
@@ -504,15 +430,15 @@ async fn append_on(
     }
 
     let base = current.unwrap_or(0);
-    let category = stream_id.category().to_owned();
-    let mut positions: Vec<i64> = Vec::with_capacity(events.len());
+    let category = stream_id.category();
+    let mut first_position = None;
+    let mut last_position = 0;
     for (chunk_no, chunk) in events.chunks(INSERT_CHUNK).enumerate() {
         let mut rows = Vec::with_capacity(chunk.len());
         for (i, e) in chunk.iter().enumerate() {
             let version = base + (chunk_no * INSERT_CHUNK + i) as u64 + 1;
             rows.push((
                 to_i64(version, "version")?,
-                e.event_id.to_string(),
                 serde_json::to_string(&e.payload)?,
                 serde_json::to_string(&e.metadata)?,
                 e,
@@ -521,20 +447,27 @@ async fn append_on(
         let mut qb = QueryBuilder::<Sqlite>::new(
             "INSERT INTO events (stream_id, category, stream_version, event_id, event_type, schema_version, payload, metadata) ",
         );
-        qb.push_values(rows, |mut b, (version, id, payload, metadata, e)| {
-            b.push_bind(stream_id.as_str())
-                .push_bind(category.as_str())
-                .push_bind(version)
-                .push_bind(id)
-                .push_bind(e.event_type.as_str())
-                .push_bind(i64::from(e.schema_version))
-                .push_bind(payload)
-                .push_bind(metadata);
-        });
-        qb.push(" RETURNING position");
-        let inserted = qb.build_query_scalar::<i64>().fetch_all(&mut *conn).await;
-        match inserted {
-            Ok(p) => positions.extend(p),
+        let ids = &ids[chunk_no * INSERT_CHUNK..];
+        qb.push_values(
+            rows.into_iter().zip(ids),
+            |mut b, ((version, payload, metadata, e), id)| {
+                b.push_bind(stream_id.as_str())
+                    .push_bind(category)
+                    .push_bind(version)
+                    .push_bind(id.as_str())
+                    .push_bind(e.event_type.as_str())
+                    .push_bind(i64::from(e.schema_version))
+                    .push_bind(payload)
+                    .push_bind(metadata);
+            },
+        );
+        match qb.build().execute(&mut *conn).await {
+            Ok(done) => {
+                // Under the write lock, one multi-row INSERT into an
+                // AUTOINCREMENT table takes consecutive positions.
+                last_position = to_u64(done.last_insert_rowid());
+                first_position.get_or_insert(last_position + 1 - chunk.len() as u64);
+            }
             Err(e) if is_unique_violation(&e) => {
                 // Only reachable when the caller's transaction lost a race it
                 // could not see; report it as the typed conflict it is.
@@ -554,15 +487,63 @@ async fn append_on(
             Err(e) => return Err(map_sqlx(e)),
         }
     }
-    let (Some(&p0), Some(&pn)) = (positions.iter().min(), positions.iter().max()) else {
-        return Err(EventStoreError::backend("insert returned no positions"));
-    };
-    let (p0, pn) = (to_u64(p0), to_u64(pn));
+    let p0 = first_position.unwrap_or(last_position);
     Ok(AppendResult {
         first_version: base + 1,
         last_version: base + events.len() as u64,
         first_position: GlobalPosition::new(p0, p0),
-        last_position: GlobalPosition::new(pn, pn),
+        last_position: GlobalPosition::new(last_position, last_position),
+    })
+}
+
+/// Some of the batch's ids are stored (`stored`: id, stream, version,
+/// position): an idempotent re-append if the whole batch is stored at
+/// consecutive versions of this stream, else a typed error.
+fn reappend(
+    stream_id: &StreamId,
+    expected: ExpectedVersion,
+    current: Option<u64>,
+    events: &[NewEvent],
+    ids: &[String],
+    stored: &[(String, String, i64, i64)],
+) -> Result<AppendResult> {
+    let find = |id: &str| stored.iter().find(|(sid, ..)| sid == id);
+    let partial = |i: usize| EventStoreError::PartialDuplicate {
+        stream_id: stream_id.clone(),
+        event_id: events[i].event_id,
+    };
+    let Some((_, first_stream, v0, p0)) = find(&ids[0]) else {
+        let i = ids.iter().position(|id| find(id).is_some()).unwrap_or(0);
+        return Err(partial(i));
+    };
+    if first_stream != stream_id.as_str() {
+        return Err(partial(0));
+    }
+    let v0 = to_u64(*v0);
+    if let Some(n) = expected.exact()
+        && v0 != n + 1
+    {
+        return Err(EventStoreError::WrongExpectedVersion {
+            stream_id: stream_id.clone(),
+            expected,
+            actual: current,
+        });
+    }
+    let mut last = to_u64(*p0);
+    for (i, id) in ids.iter().enumerate() {
+        match find(id) {
+            Some((_, s, v, p)) if s == stream_id.as_str() && to_u64(*v) == v0 + i as u64 => {
+                last = to_u64(*p);
+            }
+            _ => return Err(partial(i)),
+        }
+    }
+    let p0 = to_u64(*p0);
+    Ok(AppendResult {
+        first_version: v0,
+        last_version: v0 + events.len() as u64 - 1,
+        first_position: GlobalPosition::new(p0, p0),
+        last_position: GlobalPosition::new(last, last),
     })
 }
 
