@@ -52,6 +52,9 @@ pub(crate) fn to_nats_headers(id: &Uuid, headers: &BTreeMap<String, String>) -> 
             }
             continue;
         }
+        if name.is_empty() {
+            return Err(NatsError::InvalidHeaders("empty header name".into()));
+        }
         let header_name = HeaderName::from_str(name).map_err(|err| {
             NatsError::InvalidHeaders(format!(
                 "header name {name:?} cannot travel over NATS: {err}"
