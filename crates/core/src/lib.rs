@@ -11,6 +11,7 @@ pub mod error;
 pub mod memory;
 pub mod projection;
 pub mod repository;
+pub mod saga;
 pub mod store;
 pub mod subscription;
 pub mod transport;

@@ -1,0 +1,334 @@
+//! The in-memory saga store: every [`SagaStore`] rule under one lock.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use crate::saga::error::SagaError;
+use crate::saga::state::{
+    HistoryEntry, HistoryEvent, HistoryKind, Lease, SagaCommand, SagaFilter, SagaId, SagaInstance,
+    SagaProgress, SagaState,
+};
+use crate::saga::store::{
+    Claim, LeaseUpdate, NewSaga, SagaCommandOutbox, SagaStore, SagaTransition, Wake,
+};
+
+/// A saga store held in memory. Cloning gives another handle to the same
+/// store, so a "restarted" orchestrator can be built on it.
+///
+/// Its clock is `tokio::time`: the wall-clock time at creation plus the
+/// elapsed `tokio::time::Instant`, so timers and leases follow a paused,
+/// advanced test clock. Each commit (instance, history, outgoing commands,
+/// inbox record) happens under one lock: all or nothing.
+///
+/// ```
+/// use std::time::Duration;
+/// use serde_json::json;
+/// use vextrus_core::saga::{InMemorySagaStore, NewSaga, SagaId, SagaState, SagaStore};
+///
+/// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+/// let store = InMemorySagaStore::new();
+/// let id = SagaId::new();
+/// store.create(NewSaga { id, saga_type: "t".into(), version: 1, data: json!({}) }).await.unwrap();
+///
+/// let first = store.claim(id, "worker-a", Duration::from_secs(10)).await.unwrap();
+/// // worker-a holds a live lease: worker-b cannot claim
+/// assert!(store.claim(id, "worker-b", Duration::from_secs(10)).await.is_err());
+/// store.release(id, first.token).await.unwrap();
+/// let second = store.claim(id, "worker-b", Duration::from_secs(10)).await.unwrap();
+/// assert_eq!(second.token, first.token + 1);
+/// // worker-a's token is stale now
+/// assert!(store.release(id, first.token).await.unwrap_err().is_fenced());
+/// assert_eq!(store.load(id).await.unwrap().unwrap().state, SagaState::Running);
+/// # });
+/// ```
+#[derive(Clone)]
+pub struct InMemorySagaStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    state: Mutex<State>,
+    base_utc: DateTime<Utc>,
+    base_instant: tokio::time::Instant,
+}
+
+#[derive(Default)]
+struct State {
+    sagas: HashMap<SagaId, SagaInstance>,
+    history: HashMap<SagaId, Vec<HistoryEntry>>,
+    outbox: Vec<(SagaCommand, bool)>,
+    inbox: HashSet<Uuid>,
+}
+
+impl std::fmt::Debug for InMemorySagaStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let st = self.lock();
+        f.debug_struct("InMemorySagaStore")
+            .field("sagas", &st.sagas.len())
+            .field("outbox", &st.outbox.len())
+            .field("inbox", &st.inbox.len())
+            .finish()
+    }
+}
+
+impl Default for InMemorySagaStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl InMemorySagaStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                state: Mutex::new(State::default()),
+                base_utc: Utc::now(),
+                base_instant: tokio::time::Instant::now(),
+            }),
+        }
+    }
+
+    /// Every command ever queued, sent or not, in queue order.
+    pub fn all_commands(&self) -> Vec<SagaCommand> {
+        self.lock().outbox.iter().map(|(c, _)| c.clone()).collect()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.inner.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn clock(&self) -> DateTime<Utc> {
+        let elapsed =
+            tokio::time::Instant::now().saturating_duration_since(self.inner.base_instant);
+        self.inner.base_utc + chrono::Duration::from_std(elapsed).unwrap_or(chrono::TimeDelta::MAX)
+    }
+}
+
+fn add(now: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
+    now + chrono::Duration::from_std(d).unwrap_or(chrono::TimeDelta::MAX)
+}
+
+fn lease_live(inst: &SagaInstance, now: DateTime<Utc>) -> bool {
+    inst.lease.as_ref().is_some_and(|l| l.expires_at > now)
+}
+
+fn take_claim(inst: &mut SagaInstance, worker: &str, lease: Duration, now: DateTime<Utc>) -> Claim {
+    inst.fencing_token += 1;
+    inst.lease = Some(Lease {
+        owner: worker.to_owned(),
+        expires_at: add(now, lease),
+    });
+    Claim {
+        instance: inst.clone(),
+        token: inst.fencing_token,
+    }
+}
+
+fn check_token(inst: &SagaInstance, token: u64) -> Result<(), SagaError> {
+    if inst.fencing_token != token {
+        return Err(SagaError::Fenced {
+            saga_id: inst.id,
+            token,
+            current: inst.fencing_token,
+        });
+    }
+    Ok(())
+}
+
+impl SagaStore for InMemorySagaStore {
+    async fn now(&self) -> Result<DateTime<Utc>, SagaError> {
+        Ok(self.clock())
+    }
+
+    async fn create(&self, new: NewSaga) -> Result<SagaInstance, SagaError> {
+        let now = self.clock();
+        let mut st = self.lock();
+        if st.sagas.contains_key(&new.id) {
+            return Err(SagaError::AlreadyExists(new.id));
+        }
+        let inst = SagaInstance {
+            id: new.id,
+            saga_type: new.saga_type,
+            version: new.version,
+            state: SagaState::Running,
+            data: new.data,
+            progress: SagaProgress::default(),
+            due_at: Some(now),
+            lease: None,
+            fencing_token: 0,
+            last_error: None,
+            created_at: now,
+            updated_at: now,
+        };
+        st.sagas.insert(new.id, inst.clone());
+        st.history.insert(
+            new.id,
+            vec![HistoryEntry {
+                seq: 1,
+                at: now,
+                worker: None,
+                event: HistoryEvent::saga(HistoryKind::SagaStarted),
+            }],
+        );
+        Ok(inst)
+    }
+
+    async fn load(&self, id: SagaId) -> Result<Option<SagaInstance>, SagaError> {
+        Ok(self.lock().sagas.get(&id).cloned())
+    }
+
+    async fn history(&self, id: SagaId) -> Result<Vec<HistoryEntry>, SagaError> {
+        Ok(self.lock().history.get(&id).cloned().unwrap_or_default())
+    }
+
+    async fn list(&self, filter: &SagaFilter) -> Result<Vec<SagaInstance>, SagaError> {
+        let now = self.clock();
+        let st = self.lock();
+        let mut out: Vec<_> = st
+            .sagas
+            .values()
+            .filter(|i| filter.matches(i, now))
+            .cloned()
+            .collect();
+        out.sort_by_key(|i| (i.created_at, i.id));
+        out.truncate(filter.limit);
+        Ok(out)
+    }
+
+    async fn claim_due(
+        &self,
+        worker: &str,
+        lease: Duration,
+        limit: usize,
+    ) -> Result<Vec<Claim>, SagaError> {
+        let now = self.clock();
+        let mut st = self.lock();
+        let mut due: Vec<_> = st
+            .sagas
+            .values()
+            .filter(|i| {
+                !i.state.is_terminal() && i.due_at.is_some_and(|d| d <= now) && !lease_live(i, now)
+            })
+            .map(|i| (i.due_at, i.id))
+            .collect();
+        due.sort();
+        due.truncate(limit);
+        let mut claims = Vec::with_capacity(due.len());
+        for (_, id) in due {
+            if let Some(inst) = st.sagas.get_mut(&id) {
+                claims.push(take_claim(inst, worker, lease, now));
+            }
+        }
+        Ok(claims)
+    }
+
+    async fn claim(&self, id: SagaId, worker: &str, lease: Duration) -> Result<Claim, SagaError> {
+        let now = self.clock();
+        let mut st = self.lock();
+        let inst = st.sagas.get_mut(&id).ok_or(SagaError::NotFound(id))?;
+        if lease_live(inst, now) {
+            let owner = inst
+                .lease
+                .as_ref()
+                .map(|l| l.owner.clone())
+                .unwrap_or_default();
+            return Err(SagaError::Leased { saga_id: id, owner });
+        }
+        Ok(take_claim(inst, worker, lease, now))
+    }
+
+    async fn commit(&self, t: SagaTransition) -> Result<SagaInstance, SagaError> {
+        let now = self.clock();
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let inst = st
+            .sagas
+            .get(&t.saga_id)
+            .ok_or(SagaError::NotFound(t.saga_id))?;
+        check_token(inst, t.token)?;
+        if let Some(m) = t.inbox_message_id
+            && st.inbox.contains(&m)
+        {
+            return Err(SagaError::DuplicateMessage(m));
+        }
+        // Everything checked: apply all parts together.
+        if let Some(m) = t.inbox_message_id {
+            st.inbox.insert(m);
+        }
+        let inst = st
+            .sagas
+            .get_mut(&t.saga_id)
+            .ok_or(SagaError::NotFound(t.saga_id))?;
+        inst.state = t.state;
+        inst.data = t.data;
+        inst.progress = t.progress;
+        inst.last_error = t.last_error;
+        inst.updated_at = now;
+        inst.due_at = match t.wake {
+            Wake::Now => Some(now),
+            Wake::After(d) => Some(add(now, d)),
+            Wake::Never => None,
+            Wake::Unchanged => inst.due_at,
+        };
+        inst.lease = match t.lease {
+            LeaseUpdate::Extend(d) => Some(Lease {
+                owner: t.worker.clone(),
+                expires_at: add(now, d),
+            }),
+            LeaseUpdate::Release => None,
+        };
+        let out = inst.clone();
+        let history = st.history.entry(t.saga_id).or_default();
+        for event in t.history {
+            let seq = history.len() as u64 + 1;
+            history.push(HistoryEntry {
+                seq,
+                at: now,
+                worker: Some(t.worker.clone()),
+                event,
+            });
+        }
+        st.outbox.extend(t.commands.into_iter().map(|c| (c, false)));
+        Ok(out)
+    }
+
+    async fn release(&self, id: SagaId, token: u64) -> Result<(), SagaError> {
+        let mut st = self.lock();
+        let inst = st.sagas.get_mut(&id).ok_or(SagaError::NotFound(id))?;
+        check_token(inst, token)?;
+        inst.lease = None;
+        Ok(())
+    }
+
+    async fn message_handled(&self, message_id: Uuid) -> Result<bool, SagaError> {
+        Ok(self.lock().inbox.contains(&message_id))
+    }
+}
+
+impl SagaCommandOutbox for InMemorySagaStore {
+    async fn pending_commands(&self, limit: usize) -> Result<Vec<SagaCommand>, SagaError> {
+        Ok(self
+            .lock()
+            .outbox
+            .iter()
+            .filter(|(_, sent)| !sent)
+            .take(limit)
+            .map(|(c, _)| c.clone())
+            .collect())
+    }
+
+    async fn mark_sent(&self, message_ids: &[Uuid]) -> Result<(), SagaError> {
+        let ids: HashSet<_> = message_ids.iter().collect();
+        for (c, sent) in self.lock().outbox.iter_mut() {
+            if ids.contains(&c.message_id) {
+                *sent = true;
+            }
+        }
+        Ok(())
+    }
+}
