@@ -28,9 +28,9 @@ pub async fn create_topic(config: &KafkaConfig, topic: &str, partitions: i32) ->
     }
     let mut client_config = rdkafka::ClientConfig::new();
     client_config.set("bootstrap.servers", config.brokers());
-    let admin: AdminClient<DefaultClientContext> = client_config
-        .create()
-        .map_err(|err| KafkaError::InvalidConfig(format!("cannot create the admin client: {err}")))?;
+    let admin: AdminClient<DefaultClientContext> = client_config.create().map_err(|err| {
+        KafkaError::InvalidConfig(format!("cannot create the admin client: {err}"))
+    })?;
     let new_topic = NewTopic::new(topic, partitions, TopicReplication::Fixed(-1));
     let options = AdminOptions::new()
         .operation_timeout(Some(config.metadata_timeout()))

@@ -176,7 +176,10 @@ impl KafkaConfig {
         config
             .set("bootstrap.servers", &self.brokers)
             .set("client.id", &self.client_id)
-            .set("socket.timeout.ms", millis(self.metadata_timeout.max(Duration::from_millis(10))));
+            .set(
+                "socket.timeout.ms",
+                millis(self.metadata_timeout.max(Duration::from_millis(10))),
+            );
         config
     }
 

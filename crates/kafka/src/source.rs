@@ -233,14 +233,13 @@ async fn release(shared: &Arc<Shared>, topic: &str, partition: i32, offset: i64)
     list.add_partition_offset(topic, partition, Offset::Offset(position))
         .map_err(|err| KafkaError::commit("building the commit", err))?;
     let worker = Arc::clone(shared);
-    let outcome = tokio::task::spawn_blocking(move || {
-        worker.consumer.commit(&list, CommitMode::Sync)
-    })
-    .await
-    .map_err(|err| KafkaError::Commit {
-        reason: format!("commit task failed: {err}"),
-        source: None,
-    })?;
+    let outcome =
+        tokio::task::spawn_blocking(move || worker.consumer.commit(&list, CommitMode::Sync))
+            .await
+            .map_err(|err| KafkaError::Commit {
+                reason: format!("commit task failed: {err}"),
+                source: None,
+            })?;
     match outcome {
         Ok(()) => {
             shared

@@ -57,7 +57,10 @@ impl Tracker {
             Some(lowest) => *lowest,
             None => state.acked_max? + 1,
         };
-        if state.committed.is_some_and(|committed| committed >= position) {
+        if state
+            .committed
+            .is_some_and(|committed| committed >= position)
+        {
             return None;
         }
         Some(position)

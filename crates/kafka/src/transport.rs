@@ -430,10 +430,9 @@ mod tests {
     #[tokio::test]
     async fn oversized_and_badly_addressed_messages_fail_before_any_network_call() {
         // Nothing listens on port 1: these must fail without trying.
-        let transport = KafkaTransport::new(
-            KafkaConfig::new("127.0.0.1:1").with_max_message_bytes(1000),
-        )
-        .unwrap();
+        let transport =
+            KafkaTransport::new(KafkaConfig::new("127.0.0.1:1").with_max_message_bytes(1000))
+                .unwrap();
         let headers = BTreeMap::new();
         let big = vec![0u8; 2000];
         let request = PublishRequest::new(Uuid::now_v7(), "t", "k", &big, &headers);
