@@ -51,7 +51,10 @@
 //!
 //! ## Subscriptions and projections
 //!
-//! Appends `NOTIFY vextrus_events` in their transaction (configurable);
+//! After a pooled append commits, the store sends `NOTIFY vextrus_events`
+//! from a background task, one at a time, so that concurrent appends share
+//! it ([`NotifyMode`]: notifying inside each append's own transaction would
+//! serialize every appender's commit);
 //! [`vextrus_core::SubscriptionSource::wake_ups`] LISTENs and wakes
 //! subscribers, which also poll at their own interval. The projection
 //! transaction is a plain `sqlx::Transaction<'static, Postgres>`: a handler
@@ -64,4 +67,4 @@ mod projection;
 mod store;
 
 pub use migrate::{MIGRATIONS, Migration};
-pub use store::{NOTIFY_CHANNEL, PgEventStore, PgStoreConfig};
+pub use store::{NOTIFY_CHANNEL, NotifyMode, PgEventStore, PgStoreConfig};

@@ -6,7 +6,7 @@ use std::time::Duration;
 use futures::{StreamExt, TryStreamExt, stream};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
 use sqlx::{PgConnection, PgPool, Postgres, Row, Transaction};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use uuid::Uuid;
 use vextrus_core::{
     AppendResult, DEFAULT_MAX_PAYLOAD_BYTES, EventFilter, EventReader, EventStoreError,
@@ -20,29 +20,50 @@ use crate::error::{EVENT_ID_KEY, map_sqlx, unique_violation};
 /// The LISTEN/NOTIFY channel appends notify on.
 pub const NOTIFY_CHANNEL: &str = "vextrus_events";
 
+/// How appends wake subscribers that LISTEN on [`NOTIFY_CHANNEL`].
+///
+/// Subscribers also poll, so every mode is correct; the modes differ in
+/// wake-up latency and in what they cost appenders.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum NotifyMode {
+    /// After a pooled append commits, the store sends one `pg_notify` from a
+    /// background task; appends that commit while one is in flight share
+    /// the next. PostgreSQL serializes the commits of transactions that
+    /// notified (they hold a database-wide lock until their commit is
+    /// flushed), so notifying inside every append would serialize all
+    /// appenders; this keeps appends concurrent and wakes subscribers
+    /// within about one commit. Appends through
+    /// [`PgEventStore::append_in_tx`] do not notify: call
+    /// [`PgEventStore::notify_subscribers`] after committing.
+    AfterCommit,
+    /// Every append (pooled or in a caller's transaction) notifies inside
+    /// its own transaction, so the wake-up is delivered exactly at commit.
+    /// Concurrent appenders' commits serialize (see BENCHMARKS.md).
+    InTransaction,
+    /// No notifications: subscribers poll.
+    Off,
+}
+
 /// How a [`PgEventStore`] behaves.
 ///
 /// ```
 /// use std::time::Duration;
-/// use vextrus_postgres::PgStoreConfig;
+/// use vextrus_postgres::{NotifyMode, PgStoreConfig};
 ///
 /// let config = PgStoreConfig::default()
 ///     .max_payload_bytes(64 * 1024)
-///     .notify_on_append(false)
+///     .notify(NotifyMode::Off)
 ///     .idle_in_transaction_timeout(Some(Duration::from_secs(2)));
 /// assert_eq!(config.max_payload_bytes, 64 * 1024);
-/// assert!(!config.notify_on_append);
+/// assert_eq!(config.notify, NotifyMode::Off);
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PgStoreConfig {
     /// The largest payload accepted, in bytes of JSON text (default 1 MiB).
     pub max_payload_bytes: usize,
-    /// Whether each append sends `NOTIFY vextrus_events` inside its
-    /// transaction, waking LISTENing subscribers at commit (default `true`).
-    /// PostgreSQL serializes committing transactions that notified, so
-    /// turning this off raises append throughput under many concurrent
-    /// writers; subscribers then fall back to polling.
-    pub notify_on_append: bool,
+    /// How appends wake LISTENing subscribers (default
+    /// [`NotifyMode::AfterCommit`]).
+    pub notify: NotifyMode,
     /// How many events one round trip of a stream read fetches (default 1000).
     pub read_page_size: usize,
     /// The bound on how long a transaction on this store's pool may sit idle
@@ -61,7 +82,7 @@ impl Default for PgStoreConfig {
     fn default() -> Self {
         Self {
             max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
-            notify_on_append: true,
+            notify: NotifyMode::AfterCommit,
             read_page_size: 1000,
             idle_in_transaction_timeout: Some(Duration::from_secs(5)),
             max_connections: 32,
@@ -76,9 +97,9 @@ impl PgStoreConfig {
         self
     }
 
-    /// Sets whether appends NOTIFY subscribers.
-    pub fn notify_on_append(mut self, notify: bool) -> Self {
-        self.notify_on_append = notify;
+    /// Sets how appends wake subscribers.
+    pub fn notify(mut self, mode: NotifyMode) -> Self {
+        self.notify = mode;
         self
     }
 
@@ -136,11 +157,12 @@ pub struct PgEventStore {
     pub(crate) pool: PgPool,
     pub(crate) config: Arc<PgStoreConfig>,
     pub(crate) wake: Arc<OnceLock<watch::Receiver<u64>>>,
+    notifier: Arc<OnceLock<mpsc::Sender<()>>>,
 }
 
 /// The columns every event read selects, in the order [`decode_event`] reads them.
 const EVENT_COLUMNS: &str = "e.position, e.transaction_id::text::bigint, e.stream_id, \
-     e.stream_version, e.event_type, e.schema_version, e.payload, e.metadata, e.recorded_at";
+     e.stream_version, e.event_type, e.schema_version, e.payload, e.metadata::text, e.recorded_at";
 
 impl PgEventStore {
     /// A store over an existing pool, with the default configuration.
@@ -156,6 +178,7 @@ impl PgEventStore {
             pool,
             config: Arc::new(config),
             wake: Arc::new(OnceLock::new()),
+            notifier: Arc::new(OnceLock::new()),
         }
     }
 
@@ -239,7 +262,7 @@ impl PgEventStore {
     ) -> Result<AppendResult> {
         let args = AppendArgs::new(events, self.config.max_payload_bytes)?;
         let mut conn = self.pool.acquire().await.map_err(map_sqlx)?;
-        match self
+        let result = match self
             .call_append(&mut conn, stream_id, expected, &args)
             .await
         {
@@ -261,7 +284,40 @@ impl PgEventStore {
             }
             Err(AppendFailure::Store(e)) => Err(e),
             Ok(r) => Ok(r),
+        };
+        drop(conn);
+        if result.is_ok() && self.config.notify == NotifyMode::AfterCommit {
+            self.notify_subscribers();
         }
+        result
+    }
+
+    /// Wakes subscribers LISTENing on [`NOTIFY_CHANNEL`] (in every process):
+    /// sends one `pg_notify` from a background task, sharing it with any
+    /// other wake-up requested while one is in flight. Pooled appends do this
+    /// themselves under [`NotifyMode::AfterCommit`]; call it after
+    /// committing a transaction that appended with
+    /// [`PgEventStore::append_in_tx`]. Without it subscribers still see the
+    /// events at their next poll. Must be called within a Tokio runtime.
+    pub fn notify_subscribers(&self) {
+        let tx = self.notifier.get_or_init(|| {
+            let (tx, mut rx) = mpsc::channel::<()>(1);
+            let pool = self.pool.clone();
+            tokio::spawn(async move {
+                while rx.recv().await.is_some() {
+                    if let Err(err) = sqlx::query("SELECT pg_notify($1, '')")
+                        .bind(NOTIFY_CHANNEL)
+                        .execute(&pool)
+                        .await
+                    {
+                        tracing::debug!(error = %err, "vextrus: NOTIFY failed; subscribers poll");
+                    }
+                }
+            });
+            tx
+        });
+        // Full: a wake-up is already pending and will cover this commit.
+        let _ = tx.try_send(());
     }
 
     async fn call_append(
@@ -289,7 +345,7 @@ impl PgEventStore {
         .bind(&args.schema_versions)
         .bind(&args.payloads)
         .bind(&args.metadata)
-        .bind(self.config.notify_on_append)
+        .bind(self.config.notify == NotifyMode::InTransaction)
         .fetch_one(conn)
         .await
         .map_err(|e| match unique_violation(&e) {
@@ -352,14 +408,14 @@ impl PgEventStore {
         let sql = match direction {
             ReadDirection::Forwards => {
                 "SELECT e.position, e.transaction_id::text::bigint, e.stream_id, \
-                 e.stream_version, e.event_type, e.schema_version, e.payload, e.metadata, \
+                 e.stream_version, e.event_type, e.schema_version, e.payload, e.metadata::text, \
                  e.recorded_at FROM vextrus_events e \
                  WHERE e.stream_id = $1 AND e.stream_version >= $2 \
                  ORDER BY e.stream_version ASC LIMIT $3"
             }
             ReadDirection::Backwards => {
                 "SELECT e.position, e.transaction_id::text::bigint, e.stream_id, \
-                 e.stream_version, e.event_type, e.schema_version, e.payload, e.metadata, \
+                 e.stream_version, e.event_type, e.schema_version, e.payload, e.metadata::text, \
                  e.recorded_at FROM vextrus_events e \
                  WHERE e.stream_id = $1 AND e.stream_version <= $2 \
                  ORDER BY e.stream_version DESC LIMIT $3"
@@ -419,18 +475,18 @@ impl PgEventStore {
             "WITH h AS MATERIALIZED (SELECT * FROM vextrus_log_horizon()), \
              tail AS MATERIALIZED ( \
                 SELECT e.transaction_id::text::bigint AS c, e.position AS p \
-                FROM vextrus_events e, h \
+                FROM vextrus_events e \
                 WHERE (e.transaction_id, e.position) > ($1::bigint::text::xid8, $2) \
-                  AND e.transaction_id < h.horizon \
+                  AND e.transaction_id < (SELECT h.horizon FROM h) \
                 ORDER BY e.transaction_id DESC, e.position DESC \
                 LIMIT 1) \
              SELECT (SELECT tail.c FROM tail), (SELECT tail.p FROM tail), \
                     (SELECT h.unplaced FROM h), {EVENT_COLUMNS} \
              FROM (SELECT NULL) AS one \
              LEFT JOIN LATERAL ( \
-                SELECT e.* FROM vextrus_events e, h \
+                SELECT e.* FROM vextrus_events e \
                 WHERE (e.transaction_id, e.position) > ($1::bigint::text::xid8, $2) \
-                  AND e.transaction_id < h.horizon \
+                  AND e.transaction_id < (SELECT h.horizon FROM h) \
                   AND ($3::text IS NULL OR split_part(e.stream_id, '-', 1) = $3) \
                   AND ($4::text IS NULL OR starts_with(e.stream_id, $4)) \
                   AND ($5::text[] IS NULL OR e.event_type = ANY ($5)) \
@@ -487,9 +543,9 @@ impl PgEventStore {
         loop {
             let (n, unplaced): (i64, bool) = sqlx::query_as(
                 "WITH h AS MATERIALIZED (SELECT * FROM vextrus_log_horizon()) \
-                 SELECT (SELECT count(*) FROM vextrus_events e, h \
+                 SELECT (SELECT count(*) FROM vextrus_events e \
                    WHERE (e.transaction_id, e.position) > ($1::bigint::text::xid8, $2) \
-                     AND e.transaction_id < h.horizon \
+                     AND e.transaction_id < (SELECT h.horizon FROM h) \
                      AND ($3::text IS NULL OR split_part(e.stream_id, '-', 1) = $3) \
                      AND ($4::text IS NULL OR starts_with(e.stream_id, $4)) \
                      AND ($5::text[] IS NULL OR e.event_type = ANY ($5))), \
@@ -523,9 +579,9 @@ impl PgEventStore {
         let secs: Option<f64> = sqlx::query_scalar(
             "WITH h AS MATERIALIZED (SELECT * FROM vextrus_log_horizon()) \
              SELECT extract(epoch FROM now() - min(e.recorded_at))::float8 \
-             FROM vextrus_events e, h \
+             FROM vextrus_events e \
              WHERE (e.transaction_id, e.position) > ($1::bigint::text::xid8, $2) \
-               AND e.transaction_id < h.horizon \
+               AND e.transaction_id < (SELECT h.horizon FROM h) \
                AND ($3::text IS NULL OR split_part(e.stream_id, '-', 1) = $3) \
                AND ($4::text IS NULL OR starts_with(e.stream_id, $4)) \
                AND ($5::text[] IS NULL OR e.event_type = ANY ($5))",
@@ -625,9 +681,10 @@ fn decode_event_at(row: &PgRow, at: usize) -> Result<RecordedEvent> {
     let event_type: String = row.try_get(at + 4).map_err(map_sqlx)?;
     let schema_version: i32 = row.try_get(at + 5).map_err(map_sqlx)?;
     let payload: serde_json::Value = row.try_get(at + 6).map_err(map_sqlx)?;
-    let metadata: serde_json::Value = row.try_get(at + 7).map_err(map_sqlx)?;
+    // Metadata as text, parsed straight into its type (no intermediate Value).
+    let metadata: &str = row.try_get(at + 7).map_err(map_sqlx)?;
     let recorded_at: chrono::DateTime<chrono::Utc> = row.try_get(at + 8).map_err(map_sqlx)?;
-    let metadata: EventMetadata = serde_json::from_value(metadata)?;
+    let metadata: EventMetadata = serde_json::from_str(metadata)?;
     Ok(RecordedEvent {
         stream_id: StreamId::new(stream_id)?,
         stream_version: to_u64(stream_version),
