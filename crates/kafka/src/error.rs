@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use rdkafka::error::{KafkaError as RdKafkaError, RDKafkaErrorCode};
+use vextrus_core::transport::TransportError;
 use vextrus_kernel::{ErrorKind, HasErrorKind};
 
 /// A boxed cause kept as the [`std::error::Error::source`] of a [`KafkaError`].
@@ -139,6 +140,35 @@ impl HasErrorKind for KafkaError {
             | KafkaError::InvalidConfig(_)
             | KafkaError::MalformedMessage { .. } => ErrorKind::Validation,
             KafkaError::Rejected { .. } => ErrorKind::Fatal,
+        }
+    }
+}
+
+/// The transport contract's view of a Kafka error: the same kind, with the
+/// detail in the message (and the cause kept for [`TransportError::Other`]).
+/// An invalid topic name is an unknown destination; consumer and commit
+/// failures are [`TransportError::Unavailable`]; a malformed received record
+/// is [`TransportError::InvalidHeaders`].
+impl From<KafkaError> for TransportError {
+    fn from(err: KafkaError) -> Self {
+        match err {
+            KafkaError::Timeout(_) => TransportError::Timeout,
+            KafkaError::UnknownDestination(topic) => TransportError::UnknownDestination(topic),
+            KafkaError::InvalidTopic { topic, reason } => {
+                TransportError::UnknownDestination(format!("{topic} ({reason})"))
+            }
+            KafkaError::MessageTooLarge { size, max } => {
+                TransportError::MessageTooLarge { size, max }
+            }
+            KafkaError::InvalidHeaders(detail) => TransportError::InvalidHeaders(detail),
+            err @ KafkaError::MalformedMessage { .. } => {
+                TransportError::InvalidHeaders(err.to_string())
+            }
+            err @ KafkaError::Rejected { .. } => TransportError::Rejected(err.to_string()),
+            err @ (KafkaError::Unavailable { .. }
+            | KafkaError::Consumer { .. }
+            | KafkaError::Commit { .. }) => TransportError::Unavailable(err.to_string()),
+            err @ KafkaError::InvalidConfig(_) => TransportError::Other(Box::new(err)),
         }
     }
 }
@@ -313,5 +343,50 @@ mod tests {
         assert!(matches!(rejected, KafkaError::Rejected { .. }));
         assert_eq!(rejected.kind(), ErrorKind::Fatal);
         assert!(std::error::Error::source(&rejected).is_some());
+    }
+
+    #[test]
+    fn transport_errors_keep_the_kind() {
+        let errors = [
+            KafkaError::Unavailable {
+                reason: "down".into(),
+                source: None,
+            },
+            KafkaError::Timeout(Duration::from_secs(1)),
+            KafkaError::UnknownDestination("t".into()),
+            KafkaError::MessageTooLarge { size: 2, max: 1 },
+            KafkaError::InvalidHeaders("x".into()),
+            KafkaError::Rejected {
+                reason: "policy".into(),
+                source: None,
+            },
+            KafkaError::Commit {
+                reason: "moved".into(),
+                source: None,
+            },
+            KafkaError::MalformedMessage {
+                topic: "t".into(),
+                partition: 0,
+                offset: 0,
+                reason: "no ce_id".into(),
+            },
+        ];
+        for err in errors {
+            let kind = err.kind();
+            let text = err.to_string();
+            let mapped = TransportError::from(err);
+            assert_eq!(mapped.kind(), kind, "{text}");
+        }
+        assert!(matches!(
+            TransportError::from(KafkaError::InvalidTopic {
+                topic: "a b".into(),
+                reason: "space"
+            }),
+            TransportError::UnknownDestination(_)
+        ));
+        assert!(matches!(
+            TransportError::from(KafkaError::MessageTooLarge { size: 9, max: 5 }),
+            TransportError::MessageTooLarge { size: 9, max: 5 }
+        ));
     }
 }

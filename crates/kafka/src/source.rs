@@ -1,7 +1,6 @@
 //! A consumer-group member that yields deliveries for the inbox and commits
 //! offsets only when the consumer acks.
 
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -12,7 +11,9 @@ use rdkafka::consumer::{
 use rdkafka::message::{Header, Message, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
-use uuid::Uuid;
+use vextrus_core::transport::{
+    InboundMessage, MessageDelivery, MessageId, MessageSource, TransportError,
+};
 
 use crate::config::{KafkaConfig, validate_topic};
 use crate::error::{KafkaError, Result};
@@ -126,54 +127,73 @@ struct Shared {
 /// [`nack`](Self::nack) asks for the record again after a delay; because
 /// Kafka keeps order per partition, the partition is paused and re-read from
 /// this record, so later records of the same keys wait behind it.
-/// A delivery dropped without either holds the partition's committed offset
-/// back; the record comes again after a restart or a rebalance.
+/// A delivery dropped without either is taken back the same way (at once):
+/// the record comes again from this consumer.
 pub struct Delivery {
-    /// The message id (from the `ce_id` header).
-    pub id: Uuid,
-    /// The topic it arrived on.
-    pub topic: String,
-    /// The record key (the message's partition key), when it has one.
-    pub partition_key: Option<String>,
-    /// The payload (empty for a record without one).
-    pub payload: Vec<u8>,
-    /// Every header, `ce_id` included.
-    pub headers: BTreeMap<String, String>,
-    /// Which delivery of the record this is in this process (1 for the
-    /// first). The inbox keeps the durable count.
-    pub delivery_attempt: u32,
-    /// The partition.
-    pub partition: i32,
-    /// The offset within the partition.
-    pub offset: i64,
+    message: InboundMessage,
+    partition: i32,
+    offset: i64,
     shared: Arc<Shared>,
+    settled: bool,
 }
 
 impl std::fmt::Debug for Delivery {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Delivery")
-            .field("id", &self.id)
-            .field("topic", &self.topic)
+            .field("id", &self.message.id)
+            .field("topic", &self.message.source)
             .field("partition", &self.partition)
             .field("offset", &self.offset)
-            .field("partition_key", &self.partition_key)
-            .field("delivery_attempt", &self.delivery_attempt)
+            .field("partition_key", &self.message.partition_key)
+            .field("delivery_attempt", &self.message.delivery_attempt)
             .finish_non_exhaustive()
     }
 }
 
 impl Delivery {
+    /// The message: id (from `ce_id`), source (the topic), partition key (the
+    /// record key), payload, every header, and which delivery of the record
+    /// this is in this process (1 for the first; the inbox keeps the durable
+    /// count).
+    pub fn message(&self) -> &InboundMessage {
+        &self.message
+    }
+
+    /// The partition the record came from.
+    pub fn partition(&self) -> i32 {
+        self.partition
+    }
+
+    /// The record's offset within its partition.
+    pub fn offset(&self) -> i64 {
+        self.offset
+    }
+
     /// Marks the record done and commits the partition's new position
     /// (synchronously: when this returns `Ok`, the group coordinator has it).
-    pub async fn ack(&self) -> Result<()> {
-        release(&self.shared, &self.topic, self.partition, self.offset).await
+    pub async fn ack(mut self) -> Result<()> {
+        self.settled = true;
+        release(
+            &self.shared,
+            &self.message.source,
+            self.partition,
+            self.offset,
+        )
+        .await
+    }
+
+    /// Releases the record without handling it (after the inbox dead-lettered
+    /// it): the same as [`ack`](Self::ack) on Kafka.
+    pub async fn term(self) -> Result<()> {
+        self.ack().await
     }
 
     /// Asks for the record again after `delay`: the partition is paused,
     /// rewound to this record and resumed after the delay.
-    pub async fn nack(&self, delay: Duration) -> Result<()> {
+    pub async fn nack(mut self, delay: Duration) -> Result<()> {
+        self.settled = true;
         let shared = Arc::clone(&self.shared);
-        let (topic, partition, offset) = (self.topic.clone(), self.partition, self.offset);
+        let (topic, partition, offset) = (self.message.source.clone(), self.partition, self.offset);
         shared
             .tracker
             .lock()
@@ -211,11 +231,45 @@ impl Delivery {
         }
         Ok(())
     }
+}
 
-    /// Releases the record without handling it (after the inbox dead-lettered
-    /// it): the same as [`ack`](Self::ack) on Kafka.
-    pub async fn term(&self) -> Result<()> {
-        self.ack().await
+impl Drop for Delivery {
+    fn drop(&mut self) {
+        if self.settled {
+            return;
+        }
+        let topic = &self.message.source;
+        self.shared
+            .tracker
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .nacked(topic, self.partition, self.offset);
+        // A zero timeout makes the seek asynchronous: no blocking in drop.
+        if let Err(err) = self.shared.consumer.seek(
+            topic,
+            self.partition,
+            Offset::Offset(self.offset),
+            Duration::ZERO,
+        ) {
+            tracing::warn!(error = %err, topic = %topic, partition = self.partition, offset = self.offset,
+                "rewinding after an unsettled delivery failed; the record comes again after a restart or rebalance");
+        }
+    }
+}
+
+impl MessageDelivery for Delivery {
+    fn message(&self) -> &InboundMessage {
+        &self.message
+    }
+
+    async fn ack(self) -> Result<(), TransportError> {
+        Delivery::ack(self).await.map_err(TransportError::from)
+    }
+
+    async fn nack(self, delay: Duration) -> Result<(), TransportError> {
+        Delivery::nack(self, delay)
+            .await
+            .map_err(TransportError::from)
     }
 }
 
@@ -389,17 +443,24 @@ impl KafkaSource {
         });
         match decoded {
             Ok((decoded, partition_key)) => {
-                metrics::counter!(m::DELIVERED_TOTAL).increment(1);
-                Ok(Delivery {
-                    id: decoded.id,
-                    topic,
+                let inbound = InboundMessage {
+                    id: MessageId(decoded.id),
+                    source: topic,
                     partition_key,
                     payload: message.payload().map(<[u8]>::to_vec).unwrap_or_default(),
                     headers: decoded.headers,
                     delivery_attempt,
+                };
+                if let Err(err) = inbound.validate_headers() {
+                    return self.reject(&message, err.to_string()).await;
+                }
+                metrics::counter!(m::DELIVERED_TOTAL).increment(1);
+                Ok(Delivery {
+                    message: inbound,
                     partition,
                     offset,
                     shared: Arc::clone(&self.shared),
+                    settled: false,
                 })
             }
             Err(err) => self.reject(&message, err.to_string()).await,
@@ -490,5 +551,20 @@ impl KafkaSource {
             .await
             .map(|_| ())
             .map_err(|(err, _)| KafkaError::from_publish(err, dlq, size, 0, self.shared.timeout))
+    }
+}
+
+impl MessageSource for KafkaSource {
+    type Delivery = Delivery;
+
+    /// Waits for the next record. A Kafka consumer never closes on its own,
+    /// so this never returns `Ok(None)`. A malformed record is
+    /// [`TransportError::InvalidHeaders`] (already dead-lettered and
+    /// released); a receive failure is [`TransportError::Unavailable`].
+    async fn next(&mut self) -> Result<Option<Delivery>, TransportError> {
+        KafkaSource::next(self)
+            .await
+            .map(Some)
+            .map_err(TransportError::from)
     }
 }

@@ -9,6 +9,7 @@ use futures::future::join_all;
 use rdkafka::error::{KafkaError as RdKafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use uuid::Uuid;
+use vextrus_core::transport::{OutboundMessage, Transport, TransportError};
 use vextrus_kernel::HasErrorKind;
 
 use crate::config::{KafkaConfig, validate_topic};
@@ -364,6 +365,39 @@ impl KafkaTransport {
             }
         }
         outcome
+    }
+}
+
+impl<'a> From<&'a OutboundMessage> for PublishRequest<'a> {
+    fn from(message: &'a OutboundMessage) -> Self {
+        PublishRequest::new(
+            message.id.as_uuid(),
+            &message.destination,
+            &message.partition_key,
+            &message.payload,
+            &message.headers,
+        )
+        .with_created_at(message.created_at)
+    }
+}
+
+/// The transport contract: a publish resolves after the broker's delivery
+/// report; a batch is pipelined and keeps per-key order.
+impl Transport for KafkaTransport {
+    async fn publish(&self, message: &OutboundMessage) -> Result<(), TransportError> {
+        self.publish_confirmed(&PublishRequest::from(message))
+            .await
+            .map(|_| ())
+            .map_err(TransportError::from)
+    }
+
+    async fn publish_batch(&self, messages: &[OutboundMessage]) -> Vec<Result<(), TransportError>> {
+        let requests: Vec<PublishRequest<'_>> = messages.iter().map(PublishRequest::from).collect();
+        self.publish_pipelined(&requests)
+            .await
+            .into_iter()
+            .map(|outcome| outcome.map(|_| ()).map_err(TransportError::from))
+            .collect()
     }
 }
 
