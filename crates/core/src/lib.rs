@@ -26,7 +26,7 @@ pub use store::{
     CheckpointStore, DEFAULT_MAX_PAYLOAD_BYTES, EventAppender, EventReader, EventStream,
     ProjectionBackend, SnapshotStore, SubscriptionSource, WakeUps,
 };
-pub use subscription::{Subscription, SubscriptionOptions};
+pub use subscription::{Subscription, SubscriptionOptions, read_log};
 pub use types::{
     AppendResult, EventFilter, ExpectedVersion, GlobalPage, GlobalPosition, NewEvent,
     ReadDirection, ReadStreamOptions, RecordedEvent, Snapshot, StreamFilter, StreamId,

@@ -12,11 +12,11 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use futures::StreamExt;
 use futures::stream::BoxStream;
+use futures::{StreamExt, TryStreamExt};
 
 use crate::error::Result;
-use crate::store::{SubscriptionSource, WakeUps};
+use crate::store::{EventReader, EventStream, SubscriptionSource, WakeUps};
 use crate::types::{EventFilter, GlobalPosition, RecordedEvent};
 
 /// How a subscription reads: filter, page size, and the longest wait between
@@ -75,7 +75,7 @@ impl SubscriptionOptions {
 /// A catch-up-then-live subscription to the global log.
 ///
 /// ```
-/// use futures::StreamExt;
+/// use futures::{StreamExt, TryStreamExt};
 /// use serde_json::json;
 /// use vextrus_core::{EventAppender, ExpectedVersion, GlobalPosition, InMemoryEventStore, NewEvent, StreamId, Subscription, SubscriptionOptions};
 /// use vextrus_kernel::EventMetadata;
@@ -185,4 +185,57 @@ where
         })
         .boxed()
     }
+}
+
+/// Reads the global log after `from` up to its current end, page by page, as
+/// a finite stream (for tools such as `vextrus events read`; use a
+/// [`Subscription`] to keep following it).
+///
+/// ```
+/// use futures::TryStreamExt;
+/// use serde_json::json;
+/// use vextrus_core::{EventAppender, EventFilter, ExpectedVersion, GlobalPosition, InMemoryEventStore, NewEvent, StreamId, read_log};
+/// use vextrus_kernel::EventMetadata;
+///
+/// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+/// let store = InMemoryEventStore::new();
+/// for s in ["order-1", "invoice-1", "order-2"] {
+///     let e = NewEvent::new("created", json!({}), EventMetadata::new());
+///     store.append_to_stream(&StreamId::new(s).unwrap(), ExpectedVersion::Any, &[e]).await.unwrap();
+/// }
+/// let orders: Vec<_> = read_log(&store, GlobalPosition::START, EventFilter::category("order"), 1)
+///     .try_collect()
+///     .await
+///     .unwrap();
+/// assert_eq!(orders.len(), 2);
+/// # });
+/// ```
+pub fn read_log<S: EventReader>(
+    store: &S,
+    from: GlobalPosition,
+    filter: EventFilter,
+    page_size: usize,
+) -> EventStream<'_> {
+    let page_size = page_size.max(1);
+    futures::stream::try_unfold(
+        (from, filter, false),
+        move |(pos, filter, done)| async move {
+            if done {
+                return Ok::<_, crate::EventStoreError>(None);
+            }
+            let page = store.read_all(pos, &filter, page_size).await?;
+            // A short page means the read reached the end of the readable log.
+            let done = page.events.len() < page_size;
+            if page.events.is_empty() {
+                return Ok(None);
+            }
+            let next = pos.max(page.scanned_to);
+            Ok(Some((
+                futures::stream::iter(page.events.into_iter().map(Ok)),
+                (next, filter, done),
+            )))
+        },
+    )
+    .try_flatten()
+    .boxed()
 }

@@ -5,7 +5,7 @@
 //! projection writes a tiny test read model through the backend's
 //! transaction) and call every case with one line:
 //!
-//! ```ignore
+//! ```text
 //! vextrus_testkit::event_store_conformance!(MyBackend::new());
 //! ```
 //!
