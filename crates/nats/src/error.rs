@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use vextrus_core::transport::TransportError;
 use vextrus_kernel::{ErrorKind, HasErrorKind};
 
 /// A boxed cause kept as the [`std::error::Error::source`] of a [`NatsError`].
@@ -129,6 +130,51 @@ impl NatsError {
     }
 }
 
+/// Every error in the contract's terms, keeping its kind: transient
+/// failures stay transient (`Unavailable`, `Timeout`), bad input stays bad
+/// input (`UnknownDestination` — an invalid subject too —,
+/// `MessageTooLarge`, `InvalidHeaders` — a malformed received message too).
+impl From<NatsError> for TransportError {
+    fn from(err: NatsError) -> Self {
+        match err {
+            NatsError::Timeout(_) => TransportError::Timeout,
+            NatsError::UnknownDestination(subject) => TransportError::UnknownDestination(subject),
+            NatsError::InvalidSubject { subject, .. } => {
+                TransportError::UnknownDestination(subject)
+            }
+            NatsError::MessageTooLarge { size, max } => {
+                TransportError::MessageTooLarge { size, max }
+            }
+            NatsError::Rejected(reason) => TransportError::Rejected(reason),
+            NatsError::InvalidHeaders(reason) => TransportError::InvalidHeaders(reason),
+            err @ NatsError::MalformedMessage { .. } => {
+                TransportError::InvalidHeaders(err.to_string())
+            }
+            err @ (NatsError::Unavailable { .. }
+            | NatsError::Ack(_)
+            | NatsError::Consumer { .. }
+            | NatsError::Stream {
+                transient: true, ..
+            }) => TransportError::Unavailable(error_chain(&err)),
+            err @ (NatsError::Stream { .. } | NatsError::InvalidConfig(_)) => {
+                TransportError::Other(Box::new(err))
+            }
+        }
+    }
+}
+
+/// The error's message followed by its sources' messages.
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 impl HasErrorKind for NatsError {
     fn kind(&self) -> ErrorKind {
         match self {
@@ -191,6 +237,52 @@ mod tests {
         for err in permanent {
             assert!(!err.kind().is_retryable(), "{err}");
         }
+    }
+
+    #[test]
+    fn conversion_to_the_contract_keeps_the_kind() {
+        let cases = [
+            NatsError::Unavailable {
+                reason: "down".into(),
+                source: Some("refused".into()),
+            },
+            NatsError::Timeout(Duration::from_secs(1)),
+            NatsError::UnknownDestination("x".into()),
+            NatsError::MessageTooLarge { size: 2, max: 1 },
+            NatsError::InvalidHeaders("bad".into()),
+            NatsError::Rejected("no".into()),
+            NatsError::MalformedMessage {
+                subject: "s".into(),
+                stream_sequence: 3,
+                reason: "no id".into(),
+            },
+            NatsError::Ack("lost".into()),
+        ];
+        for err in cases {
+            let kind = err.kind();
+            let converted = TransportError::from(err);
+            let expected = if kind == ErrorKind::NotFound {
+                ErrorKind::NotFound
+            } else {
+                kind
+            };
+            assert_eq!(converted.kind(), expected, "{converted}");
+        }
+        let unavailable = TransportError::from(NatsError::Unavailable {
+            reason: "cannot connect".into(),
+            source: Some("connection refused".into()),
+        });
+        assert!(
+            unavailable.to_string().contains("connection refused"),
+            "{unavailable}"
+        );
+        assert!(matches!(
+            TransportError::from(NatsError::InvalidSubject {
+                subject: "a..b".into(),
+                reason: "empty token"
+            }),
+            TransportError::UnknownDestination(s) if s == "a..b"
+        ));
     }
 
     #[test]

@@ -3,8 +3,11 @@
 //! A message's headers (CloudEvents binary mode: `ce_id`, `ce_type`,
 //! `ce_source`, `ce_time`, `ce_specversion`, `content-type`, plus
 //! `correlation_id`, `causation_id`, `traceparent`, `tracestate`,
-//! `partition_key`, ...) travel one to one as NATS headers, and the message id
-//! also travels as `Nats-Msg-Id`, the header JetStream de-duplicates on.
+//! `partition_key`, ...) travel one to one as NATS headers. Two envelope
+//! headers travel beside them and are removed again on receipt, so a
+//! consumer sees exactly the headers that were sent: `Nats-Msg-Id`, the
+//! message id JetStream de-duplicates on, and `Vextrus-Partition-Key`, the
+//! message's partition key.
 
 use std::collections::BTreeMap;
 use std::str::FromStr;
@@ -17,10 +20,14 @@ use crate::error::{NatsError, Result};
 /// The header JetStream de-duplicates on; it carries the message id.
 pub const NATS_MSG_ID: &str = "Nats-Msg-Id";
 
+/// The envelope header carrying the message's partition key.
+pub const ENVELOPE_PARTITION_KEY: &str = "Vextrus-Partition-Key";
+
 /// The CloudEvents id header, the fallback source of a received message's id.
 pub const CE_ID: &str = "ce_id";
 
-/// The partition-key header.
+/// The partition-key header of CloudEvents-style messages (the fallback for
+/// a received message's partition key).
 pub const PARTITION_KEY: &str = "partition_key";
 
 /// Headers added to a dead-lettered copy of a malformed message: why it was
@@ -39,11 +46,26 @@ pub const DEAD_LETTER_SEQUENCE: &str = "vextrus_original_sequence";
 /// header of the message. A name or value NATS cannot carry is a
 /// [`NatsError::InvalidHeaders`], as is a `Nats-Msg-Id` header that disagrees
 /// with the message id.
-pub(crate) fn to_nats_headers(id: &Uuid, headers: &BTreeMap<String, String>) -> Result<HeaderMap> {
+pub(crate) fn to_nats_headers(
+    id: &Uuid,
+    partition_key: Option<&str>,
+    headers: &BTreeMap<String, String>,
+) -> Result<HeaderMap> {
     let id = id.to_string();
     let mut map = HeaderMap::new();
     map.insert(NATS_MSG_ID, id.as_str());
+    if let Some(key) = partition_key {
+        let value = HeaderValue::from_str(key).map_err(|err| {
+            NatsError::InvalidHeaders(format!("the partition key cannot travel over NATS: {err}"))
+        })?;
+        map.insert(ENVELOPE_PARTITION_KEY, value);
+    }
     for (name, value) in headers {
+        if name.eq_ignore_ascii_case(ENVELOPE_PARTITION_KEY) {
+            return Err(NatsError::InvalidHeaders(format!(
+                "header `{name}` is reserved for the envelope"
+            )));
+        }
         if name.eq_ignore_ascii_case(NATS_MSG_ID) {
             if value != &id {
                 return Err(NatsError::InvalidHeaders(format!(
@@ -86,6 +108,7 @@ pub(crate) fn wire_size(headers: &HeaderMap, payload_len: usize) -> usize {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct DecodedHeaders {
     pub(crate) id: Uuid,
+    pub(crate) partition_key: Option<String>,
     pub(crate) headers: BTreeMap<String, String>,
 }
 
@@ -102,11 +125,14 @@ pub(crate) fn from_nats_headers(map: Option<&HeaderMap>) -> Result<DecodedHeader
     };
     let mut headers = BTreeMap::new();
     let mut msg_id = None;
+    let mut partition_key = None;
     for (name, values) in map.iter() {
         let Some(value) = values.last() else { continue };
         let name: &str = name.as_ref();
         if name == NATS_MSG_ID {
             msg_id = Some(value.as_str().to_owned());
+        } else if name == ENVELOPE_PARTITION_KEY {
+            partition_key = Some(value.as_str().to_owned());
         } else {
             headers.insert(name.to_owned(), value.as_str().to_owned());
         }
@@ -134,7 +160,12 @@ pub(crate) fn from_nats_headers(map: Option<&HeaderMap>) -> Result<DecodedHeader
             ));
         }
     };
-    Ok(DecodedHeaders { id, headers })
+    let partition_key = partition_key.or_else(|| headers.get(PARTITION_KEY).cloned());
+    Ok(DecodedHeaders {
+        id,
+        partition_key,
+        headers,
+    })
 }
 
 #[cfg(test)]
@@ -163,11 +194,16 @@ mod tests {
     #[test]
     fn headers_round_trip_and_carry_the_id_as_nats_msg_id() {
         let id = Uuid::parse_str("0190a0f2-8d2c-7c4e-9a57-6f3c2b1a0d9e").unwrap();
-        let map = to_nats_headers(&id, &sample()).unwrap();
+        let map = to_nats_headers(&id, Some("envelope-key"), &sample()).unwrap();
         assert_eq!(map.get(NATS_MSG_ID).unwrap().as_str(), id.to_string());
         let decoded = from_nats_headers(Some(&map)).unwrap();
         assert_eq!(decoded.id, id);
-        assert_eq!(decoded.headers, sample());
+        assert_eq!(decoded.headers, sample(), "envelope headers are removed");
+        assert_eq!(decoded.partition_key.as_deref(), Some("envelope-key"));
+        // Without the envelope header the partition_key header is the fallback.
+        let map = to_nats_headers(&id, None, &sample()).unwrap();
+        let decoded = from_nats_headers(Some(&map)).unwrap();
+        assert_eq!(decoded.partition_key.as_deref(), Some("order-42"));
     }
 
     #[test]
@@ -182,7 +218,7 @@ mod tests {
             let headers = BTreeMap::from([(name.to_owned(), value.to_owned())]);
             assert!(
                 matches!(
-                    to_nats_headers(&id, &headers),
+                    to_nats_headers(&id, None, &headers),
                     Err(NatsError::InvalidHeaders(_))
                 ),
                 "{name:?}: {value:?}"
@@ -190,7 +226,11 @@ mod tests {
         }
         let conflicting = BTreeMap::from([(NATS_MSG_ID.to_owned(), Uuid::new_v4().to_string())]);
         assert!(matches!(
-            to_nats_headers(&id, &conflicting),
+            to_nats_headers(&id, None, &conflicting),
+            Err(NatsError::InvalidHeaders(_))
+        ));
+        assert!(matches!(
+            to_nats_headers(&id, Some("bad\nkey"), &BTreeMap::new()),
             Err(NatsError::InvalidHeaders(_))
         ));
     }

@@ -12,12 +12,14 @@ use async_nats::jetstream::{
     message::Acker,
 };
 use futures::StreamExt;
-use uuid::Uuid;
+use vextrus_core::transport::{
+    InboundMessage, MessageDelivery, MessageId, MessageSource, TransportError,
+};
 
 use crate::config::{JetStreamConfig, validate_subject};
 use crate::error::{NatsError, Result};
 use crate::headers::{
-    DEAD_LETTER_REASON, DEAD_LETTER_SEQUENCE, DEAD_LETTER_SUBJECT, NATS_MSG_ID, PARTITION_KEY,
+    CE_ID, DEAD_LETTER_REASON, DEAD_LETTER_SEQUENCE, DEAD_LETTER_SUBJECT, NATS_MSG_ID,
     from_nats_headers,
 };
 use crate::metrics as m;
@@ -134,56 +136,62 @@ impl ConsumerSpec {
 /// One delivery of a message from JetStream, with the handle to acknowledge
 /// it.
 ///
-/// Acknowledge with [`ack`](Self::ack) only after the consumer's transaction
-/// committed; [`nack`](Self::nack) asks for a redelivery after a delay. A
-/// delivery dropped unacknowledged is redelivered after the ack wait.
+/// Acknowledge ([`MessageDelivery::ack`]) only after the consumer's
+/// transaction committed; [`MessageDelivery::nack`] asks for a redelivery
+/// after a delay. A delivery dropped unacknowledged is redelivered after the
+/// ack wait.
 pub struct Delivery {
-    /// The message id (from `Nats-Msg-Id`, else `ce_id`).
-    pub id: Uuid,
-    /// The subject it arrived on.
-    pub subject: String,
-    /// The `partition_key` header, if present.
-    pub partition_key: Option<String>,
-    /// The payload.
-    pub payload: Vec<u8>,
-    /// Every header except `Nats-Msg-Id`.
-    pub headers: BTreeMap<String, String>,
-    /// Which delivery this is (1 for the first).
-    pub delivery_attempt: u32,
-    /// The message's sequence in its stream.
-    pub stream_sequence: u64,
+    message: InboundMessage,
+    subject: String,
+    stream_sequence: u64,
     acker: Acker,
 }
 
 impl std::fmt::Debug for Delivery {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Delivery")
-            .field("id", &self.id)
+            .field("id", &self.message.id)
             .field("subject", &self.subject)
-            .field("partition_key", &self.partition_key)
-            .field("delivery_attempt", &self.delivery_attempt)
+            .field("partition_key", &self.message.partition_key)
+            .field("delivery_attempt", &self.message.delivery_attempt)
             .field("stream_sequence", &self.stream_sequence)
             .finish_non_exhaustive()
     }
 }
 
 impl Delivery {
+    /// The message (its `source` is the destination it was published to:
+    /// the subject without the configured prefix).
+    pub fn message(&self) -> &InboundMessage {
+        &self.message
+    }
+
+    /// The full NATS subject it arrived on.
+    pub fn subject(&self) -> &str {
+        &self.subject
+    }
+
+    /// The message's sequence in its stream.
+    pub fn stream_sequence(&self) -> u64 {
+        self.stream_sequence
+    }
+
     /// Acknowledges the message and waits for the server to confirm, so the
-    /// caller knows it will not come again (unless the ack itself is lost,
+    /// caller knows it will not come again (unless the confirmation is lost,
     /// which the inbox absorbs).
-    pub async fn ack(&self) -> Result<()> {
+    pub async fn ack_confirmed(&self) -> Result<()> {
         self.acker
             .double_ack()
             .await
-            .map_err(|err| NatsError::Ack(format!("ack of {} failed: {err}", self.id)))
+            .map_err(|err| NatsError::Ack(format!("ack of {} failed: {err}", self.message.id)))
     }
 
     /// Asks the server to deliver the message again after `delay`.
-    pub async fn nack(&self, delay: Duration) -> Result<()> {
+    pub async fn nack_after(&self, delay: Duration) -> Result<()> {
         self.acker
             .ack_with(AckKind::Nak(Some(delay)))
             .await
-            .map_err(|err| NatsError::Ack(format!("nak of {} failed: {err}", self.id)))
+            .map_err(|err| NatsError::Ack(format!("nak of {} failed: {err}", self.message.id)))
     }
 
     /// Tells the server never to deliver the message again (after the inbox
@@ -192,7 +200,7 @@ impl Delivery {
         self.acker
             .ack_with(AckKind::Term)
             .await
-            .map_err(|err| NatsError::Ack(format!("term of {} failed: {err}", self.id)))
+            .map_err(|err| NatsError::Ack(format!("term of {} failed: {err}", self.message.id)))
     }
 
     /// Extends the ack wait while a slow handler still works.
@@ -200,7 +208,21 @@ impl Delivery {
         self.acker
             .ack_with(AckKind::Progress)
             .await
-            .map_err(|err| NatsError::Ack(format!("progress of {} failed: {err}", self.id)))
+            .map_err(|err| NatsError::Ack(format!("progress of {} failed: {err}", self.message.id)))
+    }
+}
+
+impl MessageDelivery for Delivery {
+    fn message(&self) -> &InboundMessage {
+        &self.message
+    }
+
+    async fn ack(self) -> std::result::Result<(), TransportError> {
+        self.ack_confirmed().await.map_err(TransportError::from)
+    }
+
+    async fn nack(self, delay: Duration) -> std::result::Result<(), TransportError> {
+        self.nack_after(delay).await.map_err(TransportError::from)
     }
 }
 
@@ -212,8 +234,12 @@ impl Delivery {
 /// `Nats-Msg-Id` and `ce_id` disagreeing) is never handed to the handler and
 /// never silently dropped: it is copied to the dead-letter subject (if set),
 /// terminated, logged, counted ([`malformed_count`](Self::malformed_count)),
-/// and [`next`](Self::next) returns [`NatsError::MalformedMessage`] for it;
-/// the following call goes on with the next message.
+/// and [`next_delivery`](Self::next_delivery) returns
+/// [`NatsError::MalformedMessage`] for it (through [`MessageSource::next`]:
+/// [`TransportError::InvalidHeaders`]); the following call goes on with the
+/// next message. Headers are checked with
+/// [`InboundMessage::validate_headers`], except that a missing `ce_id` is
+/// accepted when `Nats-Msg-Id` carries the id.
 ///
 /// ```no_run
 /// # async fn demo() -> Result<(), vextrus_nats::NatsError> {
@@ -224,9 +250,10 @@ impl Delivery {
 ///     ConsumerSpec::new("ORDERS", "billing"),
 /// )
 /// .await?;
-/// let delivery = source.next().await?;
+/// let delivery = source.next_delivery().await?;
+/// println!("{:?}", delivery.message().id);
 /// // ... run the handler and commit its transaction with the inbox row, then:
-/// delivery.ack().await?;
+/// delivery.ack_confirmed().await?;
 /// # Ok(()) }
 /// ```
 pub struct JetStreamSource {
@@ -234,6 +261,7 @@ pub struct JetStreamSource {
     consumer: PullConsumer,
     messages: Option<pull::Stream>,
     spec: ConsumerSpec,
+    subject_prefix: Option<String>,
     malformed: Arc<AtomicU64>,
 }
 
@@ -259,7 +287,9 @@ impl JetStreamSource {
         }
         let client = connect_client(&config).await?;
         let context = context_for(client, &config);
-        Self::with_context(context, spec).await
+        let mut source = Self::with_context(context, spec).await?;
+        source.subject_prefix = config.subject_prefix.clone();
+        Ok(source)
     }
 
     /// Builds the source on an existing JetStream context (sharing its
@@ -304,6 +334,7 @@ impl JetStreamSource {
             consumer,
             messages: None,
             spec,
+            subject_prefix: None,
             malformed: Arc::new(AtomicU64::new(0)),
         })
     }
@@ -322,7 +353,7 @@ impl JetStreamSource {
     /// heartbeat while the server is away) are retried inside; the call
     /// returns once a message arrives, or with an error for a malformed
     /// message or a consumer that no longer exists.
-    pub async fn next(&mut self) -> Result<Delivery> {
+    pub async fn next_delivery(&mut self) -> Result<Delivery> {
         loop {
             if self.messages.is_none() {
                 let messages = self
@@ -376,16 +407,24 @@ impl JetStreamSource {
         };
         let (message, acker) = message.split();
         let subject = message.subject.to_string();
-        match from_nats_headers(message.headers.as_ref()) {
-            Ok(decoded) => {
+        let decoded = from_nats_headers(message.headers.as_ref()).and_then(|decoded| {
+            let inbound = InboundMessage {
+                id: MessageId(decoded.id),
+                source: self.destination_of(&subject),
+                partition_key: decoded.partition_key,
+                payload: message.payload.to_vec(),
+                headers: decoded.headers,
+                delivery_attempt: u32::try_from(delivered.max(1)).unwrap_or(u32::MAX),
+            };
+            validate(&inbound)?;
+            Ok(inbound)
+        });
+        match decoded {
+            Ok(inbound) => {
                 metrics::counter!(m::DELIVERED_TOTAL).increment(1);
                 Ok(Delivery {
-                    id: decoded.id,
-                    partition_key: decoded.headers.get(PARTITION_KEY).cloned(),
-                    headers: decoded.headers,
+                    message: inbound,
                     subject,
-                    payload: message.payload.to_vec(),
-                    delivery_attempt: u32::try_from(delivered.max(1)).unwrap_or(u32::MAX),
                     stream_sequence,
                     acker,
                 })
@@ -421,6 +460,19 @@ impl JetStreamSource {
                     reason,
                 })
             }
+        }
+    }
+
+    /// The destination a subject was published to: the subject without the
+    /// configured prefix.
+    fn destination_of(&self, subject: &str) -> String {
+        match &self.subject_prefix {
+            Some(prefix) => subject
+                .strip_prefix(prefix.as_str())
+                .and_then(|rest| rest.strip_prefix('.'))
+                .unwrap_or(subject)
+                .to_owned(),
+            None => subject.to_owned(),
         }
     }
 
@@ -478,9 +530,82 @@ impl JetStreamSource {
     }
 }
 
+impl MessageSource for JetStreamSource {
+    type Delivery = Delivery;
+
+    /// The next valid message. A malformed one is
+    /// [`TransportError::InvalidHeaders`] (already terminated and, with a
+    /// dead-letter subject, copied there); the source never closes by
+    /// itself, so this never returns `Ok(None)`.
+    async fn next(&mut self) -> std::result::Result<Option<Delivery>, TransportError> {
+        self.next_delivery()
+            .await
+            .map(Some)
+            .map_err(TransportError::from)
+    }
+}
+
+/// [`InboundMessage::validate_headers`], accepting a missing `ce_id` (the id
+/// came in `Nats-Msg-Id`).
+fn validate(message: &InboundMessage) -> Result<()> {
+    let result = if message.headers.contains_key(CE_ID) {
+        message.validate_headers()
+    } else {
+        let mut with_id = message.clone();
+        with_id
+            .headers
+            .insert(CE_ID.to_owned(), message.id.to_string());
+        with_id.validate_headers()
+    };
+    result.map_err(|err| match err {
+        TransportError::InvalidHeaders(reason) => NatsError::InvalidHeaders(reason),
+        other => NatsError::InvalidHeaders(other.to_string()),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn inbound(headers: &[(&str, &str)]) -> InboundMessage {
+        InboundMessage {
+            id: MessageId(uuid::Uuid::parse_str("0190a0f2-8d2c-7c4e-9a57-6f3c2b1a0d9e").unwrap()),
+            source: "s".into(),
+            partition_key: None,
+            payload: Vec::new(),
+            headers: headers
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            delivery_attempt: 1,
+        }
+    }
+
+    #[test]
+    fn validation_accepts_a_missing_ce_id_but_not_bad_headers() {
+        assert!(validate(&inbound(&[])).is_ok());
+        assert!(
+            validate(&inbound(&[(
+                "ce_id",
+                "0190a0f2-8d2c-7c4e-9a57-6f3c2b1a0d9e"
+            )]))
+            .is_ok()
+        );
+        for bad in [
+            ("traceparent", "garbage"),
+            ("correlation_id", "nope"),
+            ("ce_time", "yesterday"),
+            ("ce_specversion", "0.3"),
+        ] {
+            assert!(
+                matches!(
+                    validate(&inbound(&[bad])),
+                    Err(NatsError::InvalidHeaders(_))
+                ),
+                "{bad:?}"
+            );
+        }
+    }
 
     #[test]
     fn consumer_config_is_durable_with_explicit_acks() {

@@ -15,6 +15,7 @@ use async_nats::jetstream::{
 use bytes::Bytes;
 use futures::future::join_all;
 use uuid::Uuid;
+use vextrus_core::transport::{OutboundMessage, Transport, TransportError};
 
 use crate::config::{JetStreamConfig, StreamSpec, StreamStorage, validate_subject};
 use crate::error::{NatsError, Result};
@@ -28,8 +29,10 @@ use crate::metrics as m;
 /// use vextrus_nats::PublishRequest;
 ///
 /// let headers = BTreeMap::from([("ce_type".to_owned(), "OrderPlaced".to_owned())]);
-/// let request = PublishRequest::new(uuid::Uuid::now_v7(), "orders.placed", b"{}", &headers);
+/// let request = PublishRequest::new(uuid::Uuid::now_v7(), "orders.placed", b"{}", &headers)
+///     .with_partition_key("order-42");
 /// assert_eq!(request.destination, "orders.placed");
+/// assert_eq!(request.partition_key, Some("order-42"));
 /// ```
 #[derive(Debug, Clone, Copy)]
 pub struct PublishRequest<'a> {
@@ -39,6 +42,9 @@ pub struct PublishRequest<'a> {
     /// The destination, turned into the subject by
     /// [`JetStreamConfig::subject_for`].
     pub destination: &'a str,
+    /// The partition key; it travels in the `Vextrus-Partition-Key`
+    /// envelope header.
+    pub partition_key: Option<&'a str>,
     /// The payload, sent as is.
     pub payload: &'a [u8],
     /// Every header of the message, sent as NATS headers.
@@ -56,8 +62,26 @@ impl<'a> PublishRequest<'a> {
         PublishRequest {
             id,
             destination,
+            partition_key: None,
             payload,
             headers,
+        }
+    }
+
+    /// Sets the partition key.
+    pub fn with_partition_key(mut self, key: &'a str) -> Self {
+        self.partition_key = Some(key);
+        self
+    }
+
+    /// The request for an outbox message.
+    pub fn from_outbound(message: &'a OutboundMessage) -> Self {
+        PublishRequest {
+            id: message.id.0,
+            destination: &message.destination,
+            partition_key: Some(&message.partition_key),
+            payload: &message.payload,
+            headers: &message.headers,
         }
     }
 }
@@ -315,7 +339,7 @@ impl JetStreamTransport {
                     .ok_or_else(|| NatsError::UnknownDestination(subject.clone()))?,
             )
         };
-        let headers = to_nats_headers(&request.id, request.headers)?;
+        let headers = to_nats_headers(&request.id, request.partition_key, request.headers)?;
         let size = wire_size(&headers, request.payload.len());
         let server_max = self.inner.client.max_payload();
         if server_max > 0 && size > server_max {
@@ -408,6 +432,27 @@ impl JetStreamTransport {
                 None => NatsError::unavailable("publish failed", err),
             },
         }
+    }
+}
+
+/// The [`Transport`] the outbox relay drives: `publish` resolves after the
+/// server's ack; `publish_batch` pipelines (see
+/// [`JetStreamTransport::publish_pipelined`]).
+impl Transport for JetStreamTransport {
+    async fn publish(&self, message: &OutboundMessage) -> Result<(), TransportError> {
+        self.publish_confirmed(&PublishRequest::from_outbound(message))
+            .await
+            .map(|_| ())
+            .map_err(TransportError::from)
+    }
+
+    async fn publish_batch(&self, messages: &[OutboundMessage]) -> Vec<Result<(), TransportError>> {
+        let requests: Vec<_> = messages.iter().map(PublishRequest::from_outbound).collect();
+        self.publish_pipelined(&requests)
+            .await
+            .into_iter()
+            .map(|result| result.map(|_| ()).map_err(TransportError::from))
+            .collect()
     }
 }
 

@@ -9,7 +9,10 @@ use std::time::{Duration, Instant};
 
 use support::{TestStream, cloud_event_headers, free_port, nats_url, with_stream};
 use uuid::Uuid;
-use vextrus_kernel::{ErrorKind, HasErrorKind};
+use vextrus_core::transport::{
+    InboundMessage, MessageDelivery, MessageSource, OutboundMessage, Transport, TransportError,
+};
+use vextrus_kernel::{ErrorKind, EventMetadata, HasErrorKind, TraceContext};
 use vextrus_nats::{
     ConsumerSpec, JetStreamConfig, JetStreamSource, JetStreamTransport, NatsError, PublishRequest,
     StreamSpec,
@@ -25,7 +28,7 @@ async fn source(stream: &TestStream, durable: &str) -> JetStreamSource {
 }
 
 async fn next(source: &mut JetStreamSource) -> Result<vextrus_nats::Delivery, NatsError> {
-    tokio::time::timeout(Duration::from_secs(10), source.next())
+    tokio::time::timeout(Duration::from_secs(10), source.next_delivery())
         .await
         .expect("a message within 10 s")
 }
@@ -39,7 +42,10 @@ async fn a_confirmed_publish_arrives_with_every_header_and_the_id() {
         let destination = stream.subject("orders.placed");
         let payload = br#"{"order":7,"total":"12.50"}"#;
         let receipt = transport
-            .publish_confirmed(&PublishRequest::new(id, &destination, payload, &headers))
+            .publish_confirmed(
+                &PublishRequest::new(id, &destination, payload, &headers)
+                    .with_partition_key("order-7"),
+            )
             .await
             .unwrap();
         assert_eq!(receipt.stream, stream.name);
@@ -48,14 +54,19 @@ async fn a_confirmed_publish_arrives_with_every_header_and_the_id() {
 
         let mut source = source(&stream, "reader").await;
         let delivery = next(&mut source).await.unwrap();
-        assert_eq!(delivery.id, id);
-        assert_eq!(delivery.subject, destination);
-        assert_eq!(delivery.payload, payload);
-        assert_eq!(delivery.headers, headers, "every header arrives unchanged");
-        assert_eq!(delivery.partition_key.as_deref(), Some("order-7"));
-        assert_eq!(delivery.delivery_attempt, 1);
-        assert_eq!(delivery.stream_sequence, 1);
-        delivery.ack().await.unwrap();
+        assert_eq!(delivery.message().id.0, id);
+        assert_eq!(delivery.subject(), destination);
+        assert_eq!(delivery.message().source, destination);
+        assert_eq!(delivery.message().payload, payload);
+        assert_eq!(
+            delivery.message().headers,
+            headers,
+            "every header arrives unchanged"
+        );
+        assert_eq!(delivery.message().partition_key.as_deref(), Some("order-7"));
+        assert_eq!(delivery.message().delivery_attempt, 1);
+        assert_eq!(delivery.stream_sequence(), 1);
+        delivery.ack_confirmed().await.unwrap();
 
         // The raw NATS message carries the id as Nats-Msg-Id.
         let js = transport.jetstream();
@@ -314,9 +325,9 @@ async fn a_pipelined_batch_is_confirmed_and_stored_in_order() {
         let mut source = source(&stream, "in-order").await;
         for (i, id) in ids.iter().enumerate() {
             let delivery = next(&mut source).await.unwrap();
-            assert_eq!(delivery.id, *id, "message {i}");
-            assert_eq!(delivery.payload, payloads[i]);
-            delivery.ack().await.unwrap();
+            assert_eq!(delivery.message().id.0, *id, "message {i}");
+            assert_eq!(delivery.message().payload, payloads[i]);
+            delivery.ack_confirmed().await.unwrap();
         }
     })
     .await;
@@ -372,8 +383,8 @@ async fn malformed_messages_are_terminated_dead_lettered_and_counted_not_dropped
             }
         }
         let delivery = next(&mut source).await.unwrap();
-        assert_eq!(delivery.id, good_id);
-        delivery.ack().await.unwrap();
+        assert_eq!(delivery.message().id.0, good_id);
+        delivery.ack_confirmed().await.unwrap();
         assert_eq!(source.malformed_count(), 2);
 
         // Both malformed messages were copied to the dead-letter subject with the reason.
@@ -399,7 +410,7 @@ async fn malformed_messages_are_terminated_dead_lettered_and_counted_not_dropped
             );
         }
         // The terminated originals are not redelivered.
-        let again = tokio::time::timeout(Duration::from_secs(2), source.next()).await;
+        let again = tokio::time::timeout(Duration::from_secs(2), source.next_delivery()).await;
         assert!(again.is_err(), "nothing more to deliver: {again:?}");
     })
     .await;
@@ -418,17 +429,17 @@ async fn a_nacked_message_comes_again_with_the_next_attempt_number() {
             .unwrap();
         let mut source = source(&stream, "retrying").await;
         let first = next(&mut source).await.unwrap();
-        assert_eq!(first.delivery_attempt, 1);
+        assert_eq!(first.message().delivery_attempt, 1);
         let nacked_at = Instant::now();
-        first.nack(Duration::from_millis(300)).await.unwrap();
+        first.nack_after(Duration::from_millis(300)).await.unwrap();
         let second = next(&mut source).await.unwrap();
         assert!(
             nacked_at.elapsed() >= Duration::from_millis(250),
             "the delay held"
         );
-        assert_eq!(second.id, id);
-        assert_eq!(second.delivery_attempt, 2);
-        second.ack().await.unwrap();
+        assert_eq!(second.message().id.0, id);
+        assert_eq!(second.message().delivery_attempt, 2);
+        second.ack_confirmed().await.unwrap();
     })
     .await;
 }
@@ -440,4 +451,114 @@ async fn check_mode_refuses_a_missing_stream() {
         .await
         .unwrap_err();
     assert!(matches!(err, NatsError::Stream { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn through_the_contract_a_message_arrives_as_the_inbound_view_of_what_was_sent() {
+    with_stream(|stream| async move {
+        // With a prefix, destinations are relative to the stream's root.
+        let config = stream.config().with_subject_prefix(stream.root.clone());
+        let transport = JetStreamTransport::connect(config.clone()).await.unwrap();
+        let meta = EventMetadata::new().with_trace_context(
+            TraceContext::parse(
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                Some("vextrus=1"),
+            )
+            .unwrap(),
+        );
+        let mut messages: Vec<OutboundMessage> = (0..5)
+            .map(|i| {
+                OutboundMessage::cloud_events(
+                    "orders.placed",
+                    format!("order-{}", i % 2),
+                    "order.placed",
+                    1,
+                    "sales",
+                    format!("{{\"n\":{i}}}").into_bytes(),
+                    &meta,
+                )
+            })
+            .collect();
+        // A message with no headers at all travels too: the id and the key
+        // go in the envelope.
+        messages.push(OutboundMessage::new(
+            "orders.placed",
+            "k",
+            b"plain".to_vec(),
+        ));
+
+        Transport::publish(&transport, &messages[0]).await.unwrap();
+        let rest = Transport::publish_batch(&transport, &messages[1..]).await;
+        assert!(rest.iter().all(Result::is_ok), "{rest:?}");
+
+        let mut source =
+            JetStreamSource::connect(config, ConsumerSpec::new(stream.name.clone(), "contract"))
+                .await
+                .unwrap();
+        for sent in &messages {
+            let delivery =
+                tokio::time::timeout(Duration::from_secs(10), MessageSource::next(&mut source))
+                    .await
+                    .expect("a message within 10 s")
+                    .unwrap()
+                    .expect("the source stays open");
+            assert_eq!(delivery.message(), &InboundMessage::from_outbound(sent, 1));
+            assert_eq!(delivery.subject(), stream.subject("orders.placed"));
+            MessageDelivery::ack(delivery).await.unwrap();
+        }
+
+        // Errors come in the contract's terms.
+        let err = Transport::publish(&transport, &OutboundMessage::new("a..b", "k", Vec::new()))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, TransportError::UnknownDestination(_)),
+            "{err}"
+        );
+        let huge = OutboundMessage::new(
+            "orders.placed",
+            "k",
+            vec![0u8; transport.client().max_payload() + 1],
+        );
+        let err = Transport::publish(&transport, &huge).await.unwrap_err();
+        assert!(
+            matches!(err, TransportError::MessageTooLarge { .. }),
+            "{err}"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn through_the_contract_a_malformed_message_is_invalid_headers_and_a_nack_redelivers() {
+    with_stream(|stream| async move {
+        let transport = JetStreamTransport::connect(stream.config()).await.unwrap();
+        let destination = stream.subject("contract");
+        let mut broken = async_nats::HeaderMap::new();
+        broken.insert("Nats-Msg-Id", Uuid::now_v7().to_string());
+        broken.insert("traceparent", "not a trace context");
+        let js = transport.jetstream();
+        js.publish_with_headers(destination.clone(), broken, "x".into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        let good = OutboundMessage::new(destination.clone(), "k", b"good".to_vec());
+        Transport::publish(&transport, &good).await.unwrap();
+
+        let mut source = source(&stream, "contract-errors").await;
+        let err = MessageSource::next(&mut source).await.unwrap_err();
+        assert!(matches!(err, TransportError::InvalidHeaders(_)), "{err}");
+        assert_eq!(source.malformed_count(), 1);
+        let first = MessageSource::next(&mut source).await.unwrap().unwrap();
+        assert_eq!(first.message().id, good.id);
+        MessageDelivery::nack(first, Duration::from_millis(100))
+            .await
+            .unwrap();
+        let again = MessageSource::next(&mut source).await.unwrap().unwrap();
+        assert_eq!(again.message().id, good.id);
+        assert_eq!(again.message().delivery_attempt, 2);
+        MessageDelivery::ack(again).await.unwrap();
+    })
+    .await;
 }
