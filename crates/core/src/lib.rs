@@ -8,7 +8,9 @@
 //! `vextrus-testkit`.
 
 pub mod error;
+pub mod inbox;
 pub mod memory;
+pub mod outbox;
 pub mod projection;
 pub mod repository;
 pub mod saga;
@@ -16,6 +18,7 @@ pub mod store;
 pub mod subscription;
 pub mod transport;
 pub mod types;
+pub mod unit_of_work;
 pub mod upcast;
 
 pub use error::{BoxError, EventStoreError, Result};

@@ -541,7 +541,8 @@ mod tests {
     fn malformed_headers_are_typed_errors() {
         let out = OutboundMessage::cloud_events("d", "k", "t", 1, "svc", vec![], &meta());
         let base = InboundMessage::from_outbound(&out, 1);
-        let cases: Vec<Box<dyn Fn(&mut InboundMessage)>> = vec![
+        type Mutation = Box<dyn Fn(&mut InboundMessage)>;
+        let cases: Vec<Mutation> = vec![
             Box::new(|m| {
                 m.headers.remove(headers::CE_ID);
             }),
