@@ -15,3 +15,4 @@ pub mod accounting;
 pub mod payment;
 pub mod sales;
 pub mod shipping;
+pub mod invariants;
