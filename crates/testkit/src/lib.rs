@@ -14,8 +14,13 @@
 //! can also call them one by one.
 
 pub mod event_store;
+pub mod inbox;
+pub mod outbox;
+pub mod transport;
+pub mod saga;
 
 pub use event_store::EventStoreBackend;
+pub use saga::SagaStoreBackend;
 
 /// Expands to one `#[tokio::test]` per event-store conformance case, each
 /// running against a fresh store from the given backend expression (an
