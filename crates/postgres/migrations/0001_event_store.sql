@@ -48,24 +48,40 @@ CREATE INDEX IF NOT EXISTS vextrus_events_commit_order
 -- prepared transaction) counts as this database's, so the horizon only ever
 -- errs towards waiting; `unplaced` says so, and readers then ask again.
 -- STABLE, so it sees the caller's snapshot.
+--
+-- PL/pgSQL (its plans are cached per session) reading
+-- pg_stat_get_activity() directly; it returns at once when no transaction
+-- is running.
 CREATE OR REPLACE FUNCTION vextrus_log_horizon(OUT horizon xid8, OUT unplaced boolean)
-LANGUAGE sql STABLE AS $$
-    WITH snap AS (SELECT pg_current_snapshot() AS s),
-    running AS (
-        SELECT x.xid,
-               EXISTS (SELECT 1 FROM pg_stat_activity a
-                        WHERE a.backend_xid = xid(x.xid)
-                          AND a.datname = current_database()) AS ours,
-               EXISTS (SELECT 1 FROM pg_stat_activity a
-                        WHERE a.backend_xid = xid(x.xid)
-                          AND a.datname <> current_database()) AS elsewhere
-        FROM snap, pg_snapshot_xip(snap.s) AS x(xid)
-    )
-    SELECT r.xid, NOT r.ours FROM running r WHERE NOT r.elsewhere
-    UNION ALL
-    SELECT pg_snapshot_xmax(snap.s), false FROM snap
-    ORDER BY 1
-    LIMIT 1
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    snap       pg_snapshot := pg_current_snapshot();
+    db         oid;
+    v_xid      xid8;
+    v_unplaced boolean;
+BEGIN
+    horizon := pg_snapshot_xmax(snap);
+    unplaced := false;
+    IF pg_snapshot_xmin(snap) = horizon THEN
+        RETURN; -- nothing running
+    END IF;
+    SELECT d.oid INTO db FROM pg_database d WHERE d.datname = current_database();
+    SELECT x.xid, a.backend_xid IS NULL
+      INTO v_xid, v_unplaced
+      FROM pg_snapshot_xip(snap) AS x(xid)
+      LEFT JOIN (SELECT s.backend_xid, s.datid
+                   FROM pg_stat_get_activity(NULL) AS s
+                  WHERE s.backend_xid IS NOT NULL) AS a
+        ON a.backend_xid = xid(x.xid)
+     WHERE NOT (a.backend_xid IS NOT NULL AND a.datid IS NOT NULL
+                AND a.datid <> 0 AND a.datid <> db)
+     ORDER BY x.xid
+     LIMIT 1;
+    IF FOUND THEN
+        horizon := v_xid;
+        unplaced := v_unplaced;
+    END IF;
+END;
 $$;
 
 -- The latest snapshot of each stream.

@@ -64,7 +64,7 @@ pub struct PgStoreConfig {
     /// How appends wake LISTENing subscribers (default
     /// [`NotifyMode::AfterCommit`]).
     pub notify: NotifyMode,
-    /// How many events one round trip of a stream read fetches (default 1000).
+    /// How many events one round trip of a stream read fetches (default 2000).
     pub read_page_size: usize,
     /// The bound on how long a transaction on this store's pool may sit idle
     /// while open (`idle_in_transaction_session_timeout`), set on every
@@ -83,7 +83,7 @@ impl Default for PgStoreConfig {
         Self {
             max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
             notify: NotifyMode::AfterCommit,
-            read_page_size: 1000,
+            read_page_size: 2000,
             idle_in_transaction_timeout: Some(Duration::from_secs(5)),
             max_connections: 32,
         }
