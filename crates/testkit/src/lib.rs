@@ -17,6 +17,9 @@ pub mod event_store;
 pub mod inbox;
 pub mod outbox;
 pub mod transport;
+pub mod inbox;
+pub mod outbox;
+pub mod transport;
 pub mod saga;
 
 pub use event_store::EventStoreBackend;
