@@ -70,6 +70,9 @@ pub enum SagaError {
         /// What was asked.
         operation: &'static str,
     },
+    /// A command or reply message was malformed (not a saga message).
+    #[error("invalid saga message: {0}")]
+    InvalidMessage(String),
     /// Saga data or a stored record could not be (de)serialized.
     #[error("saga serialization failed: {0}")]
     Serialization(#[from] serde_json::Error),
@@ -106,7 +109,9 @@ impl HasErrorKind for SagaError {
             }
             Self::Leased { .. } | Self::Unavailable(_) => ErrorKind::Transient,
             Self::NotFound(_) | Self::UnknownDefinition { .. } => ErrorKind::NotFound,
-            Self::InvalidDefinition(_) | Self::InvalidState { .. } => ErrorKind::Validation,
+            Self::InvalidDefinition(_) | Self::InvalidState { .. } | Self::InvalidMessage(_) => {
+                ErrorKind::Validation
+            }
             Self::Serialization(_) | Self::Backend(_) => ErrorKind::Fatal,
         }
     }

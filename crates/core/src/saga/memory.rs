@@ -7,6 +7,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
+use crate::outbox::{InMemoryOutbox, OutboxError};
 use crate::saga::error::SagaError;
 use crate::saga::state::{
     HistoryEntry, HistoryEvent, HistoryKind, Lease, SagaCommand, SagaFilter, SagaId, SagaInstance,
@@ -15,6 +16,8 @@ use crate::saga::state::{
 use crate::saga::store::{
     Claim, LeaseUpdate, NewSaga, SagaCommandOutbox, SagaStore, SagaTransition, Wake,
 };
+use crate::unit_of_work::UnitOfWork;
+use vextrus_kernel::{ErrorKind, HasErrorKind};
 
 /// A saga store held in memory. Cloning gives another handle to the same
 /// store, so a "restarted" orchestrator can be built on it.
@@ -52,6 +55,12 @@ pub struct InMemorySagaStore {
 
 struct Inner {
     state: Mutex<State>,
+    /// Held by claims and commits, so a token checked by a commit stays
+    /// current until the commit is applied (also across the outbox write).
+    write_lock: tokio::sync::Mutex<()>,
+    /// Where commands go when the store shares the in-memory unit of work:
+    /// the outbox and the reply destination named in each command.
+    outbox: Option<(InMemoryOutbox, String)>,
     base_utc: DateTime<Utc>,
     base_instant: tokio::time::Instant,
 }
@@ -84,16 +93,33 @@ impl Default for InMemorySagaStore {
 impl InMemorySagaStore {
     /// An empty store.
     pub fn new() -> Self {
+        Self::build(None)
+    }
+
+    /// A store whose commits enqueue their commands in `outbox` (as
+    /// [`SagaCommand::to_outbound`] messages asking for replies on
+    /// `reply_to`), in one unit-of-work transaction committed under the
+    /// store's write lock before the transition is applied: a transition
+    /// that is not written enqueues nothing, and one that is written has its
+    /// command in the outbox for the relay. [`SagaCommandOutbox`] then
+    /// reports nothing pending: the outbox relay publishes the commands.
+    pub fn with_outbox(outbox: InMemoryOutbox, reply_to: impl Into<String>) -> Self {
+        Self::build(Some((outbox, reply_to.into())))
+    }
+
+    fn build(outbox: Option<(InMemoryOutbox, String)>) -> Self {
         Self {
             inner: Arc::new(Inner {
                 state: Mutex::new(State::default()),
+                write_lock: tokio::sync::Mutex::new(()),
+                outbox,
                 base_utc: Utc::now(),
                 base_instant: tokio::time::Instant::now(),
             }),
         }
     }
 
-    /// Every command ever queued, sent or not, in queue order.
+    /// Every command ever queued (here or handed to the outbox), in queue order.
     pub fn all_commands(&self) -> Vec<SagaCommand> {
         self.lock().outbox.iter().map(|(c, _)| c.clone()).collect()
     }
@@ -106,6 +132,13 @@ impl InMemorySagaStore {
         let elapsed =
             tokio::time::Instant::now().saturating_duration_since(self.inner.base_instant);
         self.inner.base_utc + chrono::Duration::from_std(elapsed).unwrap_or(chrono::TimeDelta::MAX)
+    }
+}
+
+fn outbox_error(e: OutboxError) -> SagaError {
+    match e.kind() {
+        ErrorKind::Transient => SagaError::unavailable(e),
+        _ => SagaError::backend(e),
     }
 }
 
@@ -206,6 +239,7 @@ impl SagaStore for InMemorySagaStore {
         lease: Duration,
         limit: usize,
     ) -> Result<Vec<Claim>, SagaError> {
+        let _w = self.inner.write_lock.lock().await;
         let now = self.clock();
         let mut st = self.lock();
         let mut due: Vec<_> = st
@@ -228,6 +262,7 @@ impl SagaStore for InMemorySagaStore {
     }
 
     async fn claim(&self, id: SagaId, worker: &str, lease: Duration) -> Result<Claim, SagaError> {
+        let _w = self.inner.write_lock.lock().await;
         let now = self.clock();
         let mut st = self.lock();
         let inst = st.sagas.get_mut(&id).ok_or(SagaError::NotFound(id))?;
@@ -243,19 +278,42 @@ impl SagaStore for InMemorySagaStore {
     }
 
     async fn commit(&self, t: SagaTransition) -> Result<SagaInstance, SagaError> {
+        let _w = self.inner.write_lock.lock().await;
+        {
+            let st = self.lock();
+            let inst = st
+                .sagas
+                .get(&t.saga_id)
+                .ok_or(SagaError::NotFound(t.saga_id))?;
+            check_token(inst, t.token)?;
+            if let Some(m) = t.inbox_message_id
+                && st.inbox.contains(&m)
+            {
+                return Err(SagaError::DuplicateMessage(m));
+            }
+        }
+        // Checked, and nothing can claim meanwhile (the write lock): hand the
+        // commands to the outbox's unit of work, then apply the rest.
+        let handed_over = match &self.inner.outbox {
+            Some((outbox, reply_to)) if !t.commands.is_empty() => {
+                let messages = t
+                    .commands
+                    .iter()
+                    .map(|c| c.to_outbound(reply_to))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let mut tx = outbox.begin().await.map_err(outbox_error)?;
+                outbox
+                    .enqueue_in_tx(&mut tx, &messages)
+                    .await
+                    .map_err(outbox_error)?;
+                outbox.commit(tx).await.map_err(outbox_error)?;
+                true
+            }
+            _ => false,
+        };
         let now = self.clock();
         let mut guard = self.lock();
         let st = &mut *guard;
-        let inst = st
-            .sagas
-            .get(&t.saga_id)
-            .ok_or(SagaError::NotFound(t.saga_id))?;
-        check_token(inst, t.token)?;
-        if let Some(m) = t.inbox_message_id
-            && st.inbox.contains(&m)
-        {
-            return Err(SagaError::DuplicateMessage(m));
-        }
         // Everything checked: apply all parts together.
         if let Some(m) = t.inbox_message_id {
             st.inbox.insert(m);
@@ -293,11 +351,13 @@ impl SagaStore for InMemorySagaStore {
                 event,
             });
         }
-        st.outbox.extend(t.commands.into_iter().map(|c| (c, false)));
+        st.outbox
+            .extend(t.commands.into_iter().map(|c| (c, handed_over)));
         Ok(out)
     }
 
     async fn release(&self, id: SagaId, token: u64) -> Result<(), SagaError> {
+        let _w = self.inner.write_lock.lock().await;
         let mut st = self.lock();
         let inst = st.sagas.get_mut(&id).ok_or(SagaError::NotFound(id))?;
         check_token(inst, token)?;

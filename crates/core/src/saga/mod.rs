@@ -114,6 +114,7 @@ mod memory;
 mod orchestrator;
 mod state;
 mod store;
+mod wire;
 
 pub use definition::{
     Action, RemoteCommand, SagaData, SagaDefinition, SagaRegistry, Step, StepContext, StepOutcome,
@@ -128,3 +129,7 @@ pub use state::{
     idempotency_key,
 };
 pub use store::{Claim, LeaseUpdate, NewSaga, SagaCommandOutbox, SagaStore, SagaTransition, Wake};
+pub use wire::{
+    IDEMPOTENCY_KEY_HEADER, ORCHESTRATOR_SOURCE, REPLY_TO_HEADER, REPLY_TYPE, SAGA_ID_HEADER,
+    SagaReplyHandler,
+};
