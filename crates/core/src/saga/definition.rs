@@ -433,9 +433,18 @@ pub(crate) struct StepInfo {
     pub(crate) retry: StepRetry,
     pub(crate) compensation_retry: StepRetry,
     pub(crate) has_compensation: bool,
+    pub(crate) remote_action: bool,
+    pub(crate) remote_compensation: bool,
 }
 
 impl StepInfo {
+    pub(crate) fn is_remote(&self, kind: StepKind) -> bool {
+        match kind {
+            StepKind::Action => self.remote_action,
+            StepKind::Compensation => self.remote_compensation,
+        }
+    }
+
     pub(crate) fn policy(&self, kind: StepKind) -> StepRetry {
         match kind {
             StepKind::Action => self.retry,
@@ -572,6 +581,8 @@ impl SagaRegistry {
                 retry: s.retry,
                 compensation_retry: s.compensation_retry,
                 has_compensation: s.compensation.is_some(),
+                remote_action: s.action.is_remote(),
+                remote_compensation: s.compensation.as_ref().is_some_and(Action::is_remote),
             })
             .collect();
         let key = (def.name.clone(), def.version);

@@ -20,6 +20,15 @@
 //! - [`SagaStore`] (instances, timeline, leases, timers; one transaction per
 //!   transition) and [`SagaCommandOutbox`] (the queued commands);
 //!   [`InMemorySagaStore`] implements both.
+//! - On the wire ([`SagaCommand::to_outbound`], [`SagaReply::from_inbound`],
+//!   [`SagaReplyHandler`]): commands are outbox messages (CloudEvents
+//!   headers plus [`SAGA_ID_HEADER`], [`IDEMPOTENCY_KEY_HEADER`],
+//!   [`REPLY_TO_HEADER`]); participants reply through their own outbox; the
+//!   orchestrator's [`InboxConsumer`](crate::inbox::InboxConsumer) hands
+//!   replies to [`SagaReplyHandler`]. [`InMemorySagaStore::with_outbox`]
+//!   enqueues commands in an [`InMemoryOutbox`](crate::outbox::InMemoryOutbox)
+//!   as part of the commit; an SQL backend does it with `enqueue_in_tx` on the
+//!   transaction that updates the saga row.
 //! - [`Orchestrator`]: the worker ([`Orchestrator::run`],
 //!   [`Orchestrator::run_once`]), the reply entry point
 //!   ([`Orchestrator::handle_reply`]) and the operator API
@@ -93,7 +102,9 @@
 //! carries the token and is rejected with [`SagaError::Fenced`] if another
 //! claim happened since. A worker that stalls past its lease (GC pause,
 //! partition) therefore cannot write once another has taken over: no saga
-//! is ever driven by two workers at once. Each commit extends the lease; the
+//! is ever driven by two workers at once. (The token, not the clock,
+//! decides: a worker whose lease lapsed may still write as long as nobody
+//! else has claimed the saga, which is safe.) Each commit extends the lease; the
 //! start of a local step extends it by the step's timeout.
 //!
 //! # Timers

@@ -317,12 +317,19 @@ impl<S: SagaStore> Orchestrator<S> {
             }
         };
         let expected = cursor(&*def, &inst);
+        // Only a remote call is answered by a reply: the one in flight, or
+        // (a late success, same idempotency key) one whose retry is pending.
+        let remote = def
+            .steps()
+            .get(reply.step)
+            .is_some_and(|s| s.is_remote(reply.kind));
         let in_flight_matches = inst
             .progress
             .in_flight
             .as_ref()
             .is_some_and(|f| f.step == reply.step && f.kind == reply.kind);
-        let applies = expected == Some((reply.step, reply.kind))
+        let applies = remote
+            && expected == Some((reply.step, reply.kind))
             && (in_flight_matches || matches!(reply.outcome, ReplyOutcome::Success(_)));
         let mut t = if applies {
             let attempt = inst
