@@ -448,6 +448,10 @@ impl Participant for Accounting {
     type Command = AccountingCommand;
     type Reply = AccountingReply;
 
+    fn business_failure(_reply: &AccountingReply) -> Option<String> {
+        None
+    }
+
     fn database(&self) -> &Database {
         &self.db
     }

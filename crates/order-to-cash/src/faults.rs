@@ -18,8 +18,9 @@
 //!   timeout; the orchestrator retries (getting the stored reply) or
 //!   compensates.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::error::{Error, Result};
@@ -47,8 +48,12 @@ pub struct FaultConfig {
     pub crash_rate: f64,
     /// Chance that a command's first reply is held past the step timeout.
     pub timeout_rate: f64,
-    /// How long a delayed reply is held.
+    /// How long a delayed reply is held (longer than the saga's step
+    /// timeout, so the step times out).
     pub timeout_delay: Duration,
+    /// Chance that a generated order is invalid (a line priced in another
+    /// currency), so its validation step fails.
+    pub invalid_order_rate: f64,
 }
 
 impl FaultConfig {
@@ -60,7 +65,8 @@ impl FaultConfig {
             shipping_failure_rate: 0.0,
             crash_rate: 0.0,
             timeout_rate: 0.0,
-            timeout_delay: Duration::from_millis(200),
+            timeout_delay: Duration::from_millis(2_500),
+            invalid_order_rate: 0.0,
         }
     }
 
@@ -72,6 +78,7 @@ impl FaultConfig {
             ("shipping_failure_rate", self.shipping_failure_rate),
             ("crash_rate", self.crash_rate),
             ("timeout_rate", self.timeout_rate),
+            ("invalid_order_rate", self.invalid_order_rate),
         ] {
             if !(0.0..=1.0).contains(&rate) {
                 return Err(Error::invalid(field, format!("{rate} is not within [0, 1]")));
@@ -83,7 +90,8 @@ impl FaultConfig {
 
 impl Default for FaultConfig {
     /// 5% declines, 3% out of stock, 3% shipping failures, 2% crashes per
-    /// delivery, 1% delayed replies held for 200 ms.
+    /// delivery, 1% of replies held for 2.5 s (past the default 2 s step
+    /// timeout), 1% invalid orders.
     fn default() -> Self {
         Self {
             decline_rate: 0.05,
@@ -91,7 +99,8 @@ impl Default for FaultConfig {
             shipping_failure_rate: 0.03,
             crash_rate: 0.02,
             timeout_rate: 0.01,
-            timeout_delay: Duration::from_millis(200),
+            timeout_delay: Duration::from_millis(2_500),
+            invalid_order_rate: 0.01,
         }
     }
 }
@@ -124,6 +133,18 @@ pub struct FaultInjector {
     seed: u64,
     config: FaultConfig,
     deliveries: Mutex<HashMap<(&'static str, String), u32>>,
+    forced: BTreeSet<String>,
+    crashes: AtomicU64,
+    delays: AtomicU64,
+}
+
+/// How many faults an injector has injected so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct InjectedCounts {
+    /// Handler crashes before commit.
+    pub crashes: u64,
+    /// Replies held past the step timeout.
+    pub delays: u64,
 }
 
 impl FaultInjector {
@@ -133,6 +154,36 @@ impl FaultInjector {
             seed,
             config,
             deliveries: Mutex::new(HashMap::new()),
+            forced: BTreeSet::new(),
+            crashes: AtomicU64::new(0),
+            delays: AtomicU64::new(0),
+        }
+    }
+
+    /// Makes every command of `command_type` (such as `"payment.capture"`,
+    /// or `"sales.complete"` for the saga's last local step) fail as a
+    /// business failure, whatever the rates say. For tests that fail one
+    /// chosen step.
+    pub fn force_failure(mut self, command_type: impl Into<String>) -> Self {
+        self.forced.insert(command_type.into());
+        self
+    }
+
+    /// Whether commands of `command_type` are forced to fail.
+    pub fn forces(&self, command_type: &str) -> bool {
+        self.forced.contains(command_type)
+    }
+
+    /// Whether the generated order `order_id` should be invalid.
+    pub fn invalid_order(&self, order_id: &str) -> bool {
+        self.hit(self.config.invalid_order_rate, &["invalid_order", order_id])
+    }
+
+    /// How many crashes and delays were injected so far.
+    pub fn injected(&self) -> InjectedCounts {
+        InjectedCounts {
+            crashes: self.crashes.load(Ordering::Relaxed),
+            delays: self.delays.load(Ordering::Relaxed),
         }
     }
 
@@ -209,6 +260,7 @@ impl FaultInjector {
         let n = self.delivery(participant, key).to_string();
         if self.hit(self.config.crash_rate, &["crash", participant, key, &n]) {
             tracing::debug!(participant, key, delivery = %n, "injected crash");
+            self.crashes.fetch_add(1, Ordering::Relaxed);
             return Err(Error::InjectedCrash {
                 participant,
                 key: key.to_owned(),
@@ -240,6 +292,7 @@ impl FaultInjector {
     pub async fn delay_reply(&self, participant: &'static str, key: &str) {
         if let Some(delay) = self.reply_delay(participant, key) {
             tracing::debug!(participant, key, ?delay, "injected reply delay");
+            self.delays.fetch_add(1, Ordering::Relaxed);
             tokio::time::sleep(delay).await;
         }
     }

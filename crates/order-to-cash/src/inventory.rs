@@ -510,6 +510,21 @@ impl Participant for Inventory {
     type Command = InventoryCommand;
     type Reply = InventoryReply;
 
+    fn business_failure(reply: &InventoryReply) -> Option<String> {
+        match reply {
+            InventoryReply::OutOfStock {
+                sku,
+                requested,
+                available,
+                injected,
+            } => Some(format!(
+                "out of stock: {sku} needs {requested}, {available} on hand{}",
+                if *injected { " (injected)" } else { "" }
+            )),
+            _ => None,
+        }
+    }
+
     fn database(&self) -> &Database {
         &self.db
     }

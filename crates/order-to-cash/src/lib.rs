@@ -9,10 +9,12 @@ pub mod participant;
 
 pub use db::{Backend, Database, Durability, IdempotencyKey, Migration};
 pub use error::{Error, Result};
-pub use faults::{FaultConfig, FaultInjector};
+pub use faults::{FaultConfig, FaultInjector, InjectedCounts};
 pub use participant::Participant;
 pub mod accounting;
 pub mod payment;
 pub mod sales;
 pub mod shipping;
 pub mod invariants;
+pub mod saga;
+pub mod demo;

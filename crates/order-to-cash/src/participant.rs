@@ -36,6 +36,10 @@ pub trait Participant: Send + Sync {
     /// What it answers.
     type Reply: Serialize + DeserializeOwned + Send + Sync + std::fmt::Debug;
 
+    /// The reason, if `reply` is a business failure (out of stock,
+    /// declined, refused): the saga compensates instead of going on.
+    fn business_failure(reply: &Self::Reply) -> Option<String>;
+
     /// The participant's store.
     fn database(&self) -> &Database;
 
@@ -81,10 +85,12 @@ pub trait Participant: Send + Sync {
         command: &Self::Command,
     ) -> impl Future<Output = Result<Self::Reply>> + Send {
         async move {
+            let turn = self.database().write_turn().await;
             let mut tx = self.database().begin().await?;
             let reply = self.handle_in_tx(&mut tx, key, command).await?;
             self.faults().maybe_crash(Self::NAME, key.as_str())?;
             tx.commit().await.map_err(Error::db(Self::NAME))?;
+            drop(turn);
             self.faults().delay_reply(Self::NAME, key.as_str()).await;
             Ok(reply)
         }

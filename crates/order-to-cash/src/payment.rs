@@ -465,6 +465,13 @@ impl Participant for Payment {
     type Command = PaymentCommand;
     type Reply = PaymentReply;
 
+    fn business_failure(reply: &PaymentReply) -> Option<String> {
+        match reply {
+            PaymentReply::Declined { reason } => Some(format!("payment declined: {reason}")),
+            _ => None,
+        }
+    }
+
     fn database(&self) -> &Database {
         &self.db
     }

@@ -501,6 +501,39 @@ where
         Ok(self.repo.load(id).await?)
     }
 
+    /// Runs several commands on the order `id` in order and saves all their
+    /// events in ONE append (one transaction): either all of them are
+    /// recorded or none is. A concurrent save is retried on the reloaded
+    /// order.
+    pub async fn execute_all(
+        &self,
+        id: &AggregateId,
+        commands: Vec<OrderCommand>,
+        ctx: &CommandContext,
+    ) -> Result<AggregateRoot<Order>> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let Some(mut root) = self.repo.load(id).await? else {
+                return Err(Error::NotFound {
+                    participant: "sales",
+                    what: format!("order {id}"),
+                });
+            };
+            for command in commands.iter().cloned() {
+                root.execute(command, ctx)?;
+            }
+            if !root.has_uncommitted_events() {
+                return Ok(root);
+            }
+            match self.repo.save(&mut root).await {
+                Ok(()) => return Ok(root),
+                Err(RepositoryError::Conflict { .. }) if attempt < Self::CONFLICT_RETRIES => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
     /// Runs `command` on the order `id` (a new one for `Place`), saving its
     /// events in one append. A concurrent save is retried on the reloaded
     /// order; a refusal is [`Error::Order`].

@@ -174,6 +174,13 @@ impl Participant for Shipping {
     type Command = ShippingCommand;
     type Reply = ShippingReply;
 
+    fn business_failure(reply: &ShippingReply) -> Option<String> {
+        match reply {
+            ShippingReply::Refused { reason } => Some(format!("shipment refused: {reason}")),
+            _ => None,
+        }
+    }
+
     fn database(&self) -> &Database {
         &self.db
     }
