@@ -392,3 +392,161 @@ impl SagaCommandOutbox for InMemorySagaStore {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::saga::state::{HistoryEvent, StepKind};
+
+    async fn created(store: &InMemorySagaStore) -> SagaId {
+        let id = SagaId::new();
+        store
+            .create(NewSaga {
+                id,
+                saga_type: "t".into(),
+                version: 1,
+                data: json!({"n": 0}),
+            })
+            .await
+            .unwrap();
+        id
+    }
+
+    fn transition(claim: &Claim, wake: Wake) -> SagaTransition {
+        SagaTransition {
+            saga_id: claim.instance.id,
+            token: claim.token,
+            worker: "w".into(),
+            state: SagaState::Running,
+            data: json!({"n": 1}),
+            progress: claim.instance.progress.clone(),
+            last_error: None,
+            wake,
+            lease: LeaseUpdate::Release,
+            history: vec![HistoryEvent::saga(HistoryKind::OperatorRetry)],
+            commands: Vec::new(),
+            inbox_message_id: None,
+        }
+    }
+
+    fn command(saga_id: SagaId) -> SagaCommand {
+        SagaCommand {
+            message_id: Uuid::now_v7(),
+            saga_id,
+            saga_type: "t".into(),
+            step: 0,
+            step_name: "s".into(),
+            kind: StepKind::Action,
+            attempt: 1,
+            idempotency_key: crate::saga::idempotency_key(saga_id, 0, StepKind::Action),
+            destination: "inventory".into(),
+            command_type: "reserve".into(),
+            payload: json!({}),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_duplicate_reply_writes_nothing() {
+        let store = InMemorySagaStore::new();
+        let id = created(&store).await;
+        let m = Uuid::now_v7();
+        let c = store.claim(id, "w", Duration::from_secs(5)).await.unwrap();
+        let mut t = transition(&c, Wake::Now);
+        t.inbox_message_id = Some(m);
+        store.commit(t).await.unwrap();
+        assert!(store.message_handled(m).await.unwrap());
+
+        let c = store.claim(id, "w", Duration::from_secs(5)).await.unwrap();
+        let mut t = transition(&c, Wake::Never);
+        t.inbox_message_id = Some(m);
+        t.data = json!({"n": 2});
+        t.commands.push(command(id));
+        let before = (
+            store.load(id).await.unwrap(),
+            store.history(id).await.unwrap(),
+        );
+        assert!(matches!(
+            store.commit(t).await,
+            Err(SagaError::DuplicateMessage(x)) if x == m
+        ));
+        let after = (
+            store.load(id).await.unwrap(),
+            store.history(id).await.unwrap(),
+        );
+        assert_eq!(before, after);
+        assert!(store.all_commands().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn timers_and_leases_follow_the_store_clock() {
+        let store = InMemorySagaStore::new();
+        let id = created(&store).await;
+        let c = store
+            .claim_due("w", Duration::from_secs(5), 10)
+            .await
+            .unwrap();
+        assert_eq!(c.len(), 1);
+        let inst = store
+            .commit(transition(&c[0], Wake::After(Duration::from_secs(60))))
+            .await
+            .unwrap();
+        assert_eq!(
+            inst.due_at.unwrap() - inst.updated_at,
+            chrono::Duration::seconds(60)
+        );
+        tokio::time::advance(Duration::from_secs(59)).await;
+        assert!(
+            store
+                .claim_due("w", Duration::from_secs(5), 10)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let c = store
+            .claim_due("w", Duration::from_secs(5), 10)
+            .await
+            .unwrap();
+        assert_eq!(c.len(), 1);
+
+        // Leased: nobody else; after expiry: someone else, with a new token.
+        assert!(store.claim(id, "x", Duration::from_secs(5)).await.is_err());
+        tokio::time::advance(Duration::from_secs(5)).await;
+        let x = store.claim(id, "x", Duration::from_secs(5)).await.unwrap();
+        assert_eq!(x.token, c[0].token + 1);
+
+        // Unchanged keeps the due time.
+        let mut t = transition(&x, Wake::Unchanged);
+        t.lease = LeaseUpdate::Extend(Duration::from_secs(1));
+        let inst = store.commit(t).await.unwrap();
+        assert_eq!(inst.due_at, x.instance.due_at);
+        assert_eq!(inst.lease.unwrap().owner, "w");
+    }
+
+    #[tokio::test]
+    async fn commands_reach_the_shared_outbox_only_with_their_transition() {
+        let outbox = InMemoryOutbox::new();
+        let store = InMemorySagaStore::with_outbox(outbox.clone(), "replies");
+        let id = created(&store).await;
+        let stale = store.claim(id, "a", Duration::ZERO).await.unwrap();
+        let fresh = store.claim(id, "b", Duration::from_secs(5)).await.unwrap();
+
+        let mut t = transition(&stale, Wake::Now);
+        t.commands.push(command(id));
+        assert!(store.commit(t).await.unwrap_err().is_fenced());
+        assert!(outbox.rows().is_empty());
+
+        let cmd = command(id);
+        let mut t = transition(&fresh, Wake::Now);
+        t.commands.push(cmd.clone());
+        store.commit(t).await.unwrap();
+        let rows = outbox.rows();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].id().0, cmd.message_id);
+        assert_eq!(rows[0].message.headers["reply_to"], "replies");
+        assert!(store.pending_commands(10).await.unwrap().is_empty());
+        assert_eq!(store.all_commands(), vec![cmd]);
+    }
+}

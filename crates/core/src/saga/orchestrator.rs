@@ -817,3 +817,103 @@ fn begin_compensation(
     }
     t.last_error = Some(reason);
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::saga::definition::{Action, SagaDefinition, Step};
+    use crate::saga::memory::InMemorySagaStore;
+
+    fn registry() -> SagaRegistry {
+        let r = SagaRegistry::new();
+        r.register(
+            SagaDefinition::new("local", 1)
+                .step(Step::new(
+                    "a",
+                    Action::local(|n: u32, _ctx| async move { StepOutcome::Success(n + 1) }),
+                ))
+                .step(
+                    Step::new(
+                        "b",
+                        Action::local(|n: u32, _ctx| async move { StepOutcome::Success(n + 1) }),
+                    )
+                    .compensate_with(Action::local(
+                        |n: u32, _ctx| async move { StepOutcome::Success(n - 1) },
+                    )),
+                ),
+        )
+        .unwrap();
+        r
+    }
+
+    #[tokio::test]
+    async fn a_reply_never_answers_a_local_step() {
+        let orch = Orchestrator::new(InMemorySagaStore::new(), registry());
+        let id = orch.start("local", &0u32).await.unwrap();
+        let forged = SagaReply {
+            message_id: Uuid::now_v7(),
+            saga_id: id,
+            step: 0,
+            kind: StepKind::Action,
+            outcome: ReplyOutcome::Success(json!({})),
+        };
+        assert_eq!(
+            orch.handle_reply(&forged).await.unwrap(),
+            ReplyDisposition::Ignored
+        );
+        let inst = orch.show(id).await.unwrap().instance;
+        assert_eq!(inst.progress.step, 0);
+        assert_eq!(inst.data, json!(0));
+        assert!(inst.lease.is_none(), "the reply's claim was released");
+        orch.run_until_idle().await.unwrap();
+        let inst = orch.show(id).await.unwrap().instance;
+        assert_eq!((inst.state, inst.data), (SagaState::Completed, json!(2)));
+    }
+
+    #[tokio::test]
+    async fn aborting_before_anything_to_undo_fails_the_saga() {
+        let orch = Orchestrator::new(InMemorySagaStore::new(), registry());
+        let id = orch.start("local", &0u32).await.unwrap();
+        let inst = orch.abort(id, "changed my mind").await.unwrap();
+        assert_eq!(inst.state, SagaState::Failed);
+        assert_eq!(inst.last_error.as_deref(), Some("aborted: changed my mind"));
+        assert_eq!(orch.run_until_idle().await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn start_with_id_is_idempotent_per_type() {
+        let orch = Orchestrator::new(InMemorySagaStore::new(), registry());
+        let id = SagaId::new();
+        assert_eq!(orch.start_with_id(id, "local", &5u32).await.unwrap(), id);
+        assert_eq!(orch.start_with_id(id, "local", &9u32).await.unwrap(), id);
+        assert_eq!(orch.show(id).await.unwrap().instance.data, json!(5));
+        assert!(matches!(
+            orch.start("missing", &1u32).await,
+            Err(SagaError::UnknownDefinition { version: 0, .. })
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn run_stops_on_shutdown_and_drives_what_is_due() {
+        let orch = Orchestrator::new(InMemorySagaStore::new(), registry());
+        let id = orch.start("local", &1u32).await.unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let worker = orch.clone();
+        let task = tokio::spawn(async move {
+            worker
+                .run(async move {
+                    let _ = rx.await;
+                })
+                .await;
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(
+            orch.show(id).await.unwrap().instance.state,
+            SagaState::Completed
+        );
+        tx.send(()).unwrap();
+        task.await.unwrap();
+    }
+}
