@@ -1,5 +1,7 @@
-//! The saga-store conformance suite on the in-memory backend.
+//! The saga-store conformance suite on the in-memory backend, alone and
+//! sharing the in-memory unit of work's outbox.
 
+use vextrus_core::outbox::InMemoryOutbox;
 use vextrus_core::saga::InMemorySagaStore;
 use vextrus_testkit::SagaStoreBackend;
 
@@ -14,3 +16,19 @@ impl SagaStoreBackend for Memory {
 }
 
 vextrus_testkit::saga_store_conformance!(Memory);
+
+mod with_outbox {
+    use super::*;
+
+    struct MemoryWithOutbox;
+
+    impl SagaStoreBackend for MemoryWithOutbox {
+        type Store = InMemorySagaStore;
+
+        async fn fresh_store(&self) -> InMemorySagaStore {
+            InMemorySagaStore::with_outbox(InMemoryOutbox::new(), "saga.replies")
+        }
+    }
+
+    vextrus_testkit::saga_store_conformance!(MemoryWithOutbox);
+}

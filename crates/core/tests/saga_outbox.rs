@@ -158,7 +158,7 @@ async fn remote_steps_round_trip_through_outbox_transport_and_inbox() {
     // The "started" transitions put the commands in the orchestrator's outbox.
     orch.run_until_idle().await.unwrap();
     assert_eq!(orch_db.rows().len(), 2);
-    assert!(store.pending_commands(10).await.unwrap().is_empty());
+    assert_eq!(store.pending_commands(10).await.unwrap().len(), 2);
     let first_cmd = store
         .all_commands()
         .into_iter()

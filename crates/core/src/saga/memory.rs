@@ -7,7 +7,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use crate::outbox::{InMemoryOutbox, OutboxError};
+use crate::outbox::{InMemoryOutbox, OutboxClaimer, OutboxError, OutboxStatus};
 use crate::saga::error::SagaError;
 use crate::saga::state::{
     HistoryEntry, HistoryEvent, HistoryKind, Lease, SagaCommand, SagaFilter, SagaId, SagaInstance,
@@ -16,6 +16,8 @@ use crate::saga::state::{
 use crate::saga::store::{
     Claim, LeaseUpdate, NewSaga, SagaCommandOutbox, SagaStore, SagaTransition, Wake,
 };
+use crate::saga::wire::SAGA_ID_HEADER;
+use crate::transport::MessageId;
 use crate::unit_of_work::UnitOfWork;
 use vextrus_kernel::{ErrorKind, HasErrorKind};
 
@@ -102,7 +104,7 @@ impl InMemorySagaStore {
     /// store's write lock before the transition is applied: a transition
     /// that is not written enqueues nothing, and one that is written has its
     /// command in the outbox for the relay. [`SagaCommandOutbox`] then
-    /// reports nothing pending: the outbox relay publishes the commands.
+    /// reads the saga commands among the outbox's pending rows.
     pub fn with_outbox(outbox: InMemoryOutbox, reply_to: impl Into<String>) -> Self {
         Self::build(Some((outbox, reply_to.into())))
     }
@@ -370,8 +372,23 @@ impl SagaStore for InMemorySagaStore {
     }
 }
 
+/// Without an outbox: the store's own command queue. With one
+/// ([`InMemorySagaStore::with_outbox`]): the saga commands among the
+/// outbox's pending rows, and `mark_sent` marks them published there.
 impl SagaCommandOutbox for InMemorySagaStore {
     async fn pending_commands(&self, limit: usize) -> Result<Vec<SagaCommand>, SagaError> {
+        if let Some((outbox, _)) = &self.inner.outbox {
+            return Ok(outbox
+                .rows()
+                .into_iter()
+                .filter(|r| {
+                    r.status == OutboxStatus::Pending
+                        && r.message.headers.contains_key(SAGA_ID_HEADER)
+                })
+                .filter_map(|r| SagaCommand::from_outbound(&r.message).ok())
+                .take(limit)
+                .collect());
+        }
         Ok(self
             .lock()
             .outbox
@@ -383,6 +400,10 @@ impl SagaCommandOutbox for InMemorySagaStore {
     }
 
     async fn mark_sent(&self, message_ids: &[Uuid]) -> Result<(), SagaError> {
+        if let Some((outbox, _)) = &self.inner.outbox {
+            let ids: Vec<MessageId> = message_ids.iter().map(|u| MessageId(*u)).collect();
+            return outbox.mark_published(&ids).await.map_err(outbox_error);
+        }
         let ids: HashSet<_> = message_ids.iter().collect();
         for (c, sent) in self.lock().outbox.iter_mut() {
             if ids.contains(&c.message_id) {
@@ -546,7 +567,10 @@ mod tests {
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].id().0, cmd.message_id);
         assert_eq!(rows[0].message.headers["reply_to"], "replies");
+        assert_eq!(store.pending_commands(10).await.unwrap(), vec![cmd.clone()]);
+        store.mark_sent(&[cmd.message_id]).await.unwrap();
         assert!(store.pending_commands(10).await.unwrap().is_empty());
+        assert_eq!(outbox.rows()[0].status, OutboxStatus::Published);
         assert_eq!(store.all_commands(), vec![cmd]);
     }
 }

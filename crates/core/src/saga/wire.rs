@@ -81,6 +81,21 @@ impl SagaCommand {
         Ok(msg)
     }
 
+    /// The command in an outbound message built by
+    /// [`to_outbound`](Self::to_outbound) (for backends that read their
+    /// queued commands back from a shared outbox table).
+    pub fn from_outbound(message: &OutboundMessage) -> Result<SagaCommand, SagaError> {
+        let cmd: SagaCommand = serde_json::from_slice(&message.payload)
+            .map_err(|e| SagaError::InvalidMessage(format!("not a saga command: {e}")))?;
+        if cmd.message_id != message.id.0 {
+            return Err(SagaError::InvalidMessage(format!(
+                "message id {} differs from the command's {}",
+                message.id, cmd.message_id
+            )));
+        }
+        Ok(cmd)
+    }
+
     /// The command carried by a transport message, and where to reply.
     pub fn from_inbound(message: &InboundMessage) -> Result<(SagaCommand, String), SagaError> {
         let cmd: SagaCommand = serde_json::from_slice(&message.payload)
