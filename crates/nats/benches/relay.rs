@@ -16,7 +16,9 @@
 //!
 //! Each figure is the median of `VEXTRUS_BENCH_RUNS` runs (default 3) of
 //! `VEXTRUS_BENCH_MESSAGES` messages (default 20000; 50 partition keys,
-//! 256-byte JSON payload, CloudEvents headers).
+//! 256-byte JSON payload, CloudEvents headers). The relay runs
+//! `VEXTRUS_BENCH_RELAY_WORKERS` workers (default 3, as in the order test),
+//! batches of 1024.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -148,7 +150,7 @@ impl Transport for AckClock {
 
 fn relay_config(name: &str) -> RelayConfig {
     let mut config = RelayConfig::new(name);
-    config.workers = 1;
+    config.workers = env_usize("VEXTRUS_BENCH_RELAY_WORKERS", 3).max(1);
     config.batch_size = 1024;
     config.poll_interval = Duration::from_millis(5);
     config.backoff = Backoff::new(Duration::from_millis(10), Duration::from_millis(500), 2.0);
@@ -279,7 +281,10 @@ async fn main() {
     let (seq, pipe, relay) = (median(seq), median(pipe), median(relay));
     let (p50, p99) = (median_duration(p50s), median_duration(p99s));
     println!();
-    println!("JetStream, {n} messages, {KEYS} keys, medians of {runs} runs:");
+    println!(
+        "JetStream, {n} messages, {KEYS} keys, {} relay workers, medians of {runs} runs:",
+        env_usize("VEXTRUS_BENCH_RELAY_WORKERS", 3).max(1)
+    );
     println!("  raw publish, ack awaited one at a time : {seq:>10.0} msg/s");
     println!("  raw publish, pipelined acks            : {pipe:>10.0} msg/s");
     println!(

@@ -139,6 +139,11 @@ struct Inner {
     client: async_nats::Client,
     context: jetstream::Context,
     config: JetStreamConfig,
+    /// Unconfirmed publishes in flight, across every caller. A pipelined
+    /// chunk takes all its permits at once: callers holding part of the
+    /// context's own ack permits while waiting for more could deadlock each
+    /// other.
+    inflight: Arc<tokio::sync::Semaphore>,
 }
 
 impl std::fmt::Debug for JetStreamTransport {
@@ -197,6 +202,7 @@ impl JetStreamTransport {
             inner: Arc::new(Inner {
                 client,
                 context,
+                inflight: Arc::new(tokio::sync::Semaphore::new(config.max_ack_inflight)),
                 config,
             }),
         };
@@ -279,6 +285,7 @@ impl JetStreamTransport {
 
     /// Publishes one message and waits for the server's ack.
     pub async fn publish_confirmed(&self, request: &PublishRequest<'_>) -> Result<PublishReceipt> {
+        let _permit = self.permits(1).await?;
         let start = std::time::Instant::now();
         let result = match self.send(request).await {
             Ok(ack) => self.await_ack(request, ack).await,
@@ -304,6 +311,18 @@ impl JetStreamTransport {
     ) -> Vec<Result<PublishReceipt>> {
         let mut results = Vec::with_capacity(requests.len());
         for chunk in requests.chunks(self.inner.config.max_ack_inflight) {
+            let _permits = match self.permits(chunk.len()).await {
+                Ok(permits) => permits,
+                Err(err) => {
+                    results.extend(chunk.iter().map(|_| {
+                        Err(NatsError::Unavailable {
+                            reason: err.to_string(),
+                            source: None,
+                        })
+                    }));
+                    continue;
+                }
+            };
             let start = std::time::Instant::now();
             let mut pending = Vec::with_capacity(chunk.len());
             for request in chunk {
@@ -322,6 +341,15 @@ impl JetStreamTransport {
             }
         }
         results
+    }
+
+    async fn permits(&self, n: usize) -> Result<tokio::sync::SemaphorePermit<'_>> {
+        let n = u32::try_from(n).unwrap_or(u32::MAX);
+        self.inner
+            .inflight
+            .acquire_many(n)
+            .await
+            .map_err(|err| NatsError::unavailable("the transport is closed", err))
     }
 
     /// Validates the message and hands it to the connection; the returned

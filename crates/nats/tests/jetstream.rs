@@ -562,3 +562,41 @@ async fn through_the_contract_a_malformed_message_is_invalid_headers_and_a_nack_
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_pipelined_batches_beyond_the_inflight_limit_all_complete() {
+    with_stream(|stream| async move {
+        let transport = JetStreamTransport::connect(stream.config().with_max_ack_inflight(100))
+            .await
+            .unwrap();
+        let destination = stream.subject("concurrent");
+        let tasks: Vec<_> = (0..4)
+            .map(|_| {
+                let transport = transport.clone();
+                let destination = destination.clone();
+                tokio::spawn(async move {
+                    let messages: Vec<OutboundMessage> = (0..250)
+                        .map(|i| {
+                            OutboundMessage::new(destination.clone(), format!("k{i}"), vec![1])
+                        })
+                        .collect();
+                    Transport::publish_batch(&transport, &messages).await
+                })
+            })
+            .collect();
+        let results =
+            tokio::time::timeout(Duration::from_secs(30), futures::future::join_all(tasks))
+                .await
+                .expect("no deadlock between callers sharing the inflight limit");
+        for result in results {
+            assert!(result.unwrap().iter().all(Result::is_ok));
+        }
+        let mut js_stream = transport
+            .jetstream()
+            .get_stream(&stream.name)
+            .await
+            .unwrap();
+        assert_eq!(js_stream.info().await.unwrap().state.messages, 1000);
+    })
+    .await;
+}
