@@ -82,25 +82,25 @@ where
 
 #[tokio::test]
 async fn publish_confirm_receive() {
-    run(|b| suite::publish_confirm_receive(b)).await;
+    run(suite::publish_confirm_receive).await;
 }
 
 #[tokio::test]
 async fn unknown_destination_is_typed() {
-    run(|b| suite::unknown_destination_is_typed(b)).await;
+    run(suite::unknown_destination_is_typed).await;
 }
 
 #[tokio::test]
 async fn oversized_message_is_typed() {
-    run(|b| suite::oversized_message_is_typed(b)).await;
+    run(suite::oversized_message_is_typed).await;
 }
 
 #[tokio::test]
 async fn headers_round_trip() {
-    run(|b| suite::headers_round_trip(b)).await;
+    run(suite::headers_round_trip).await;
 }
 
 #[tokio::test]
 async fn nack_redelivers() {
-    run(|b| suite::nack_redelivers(b)).await;
+    run(suite::nack_redelivers).await;
 }
