@@ -275,7 +275,9 @@ where
         }
         let mut blocked: HashSet<&str> = HashSet::new();
         let mut released = Vec::new();
-        let mut worst: Option<ErrorKind> = None;
+        // Only transient failures (the broker is down or slow) count against
+        // the breaker; a rejection of one message says nothing of the broker.
+        let mut transient = false;
         let missing =
             TransportError::Other("the transport returned fewer results than messages".into());
         for round in rounds {
@@ -307,9 +309,7 @@ where
                     }
                     Err(e) => {
                         let kind = e.kind();
-                        if kind == ErrorKind::Transient || worst.is_none() {
-                            worst = Some(kind);
-                        }
+                        transient |= kind == ErrorKind::Transient;
                         blocked.insert(msg.message.partition_key.as_str());
                         ::metrics::counter!(m::OUTBOX_PUBLISH_FAILURES_TOTAL,
                             m::LABEL_RELAY => cfg.name.clone(), m::LABEL_KIND => kind.as_str())
@@ -347,9 +347,10 @@ where
             inner.store.release(worker, &released).await?;
             report.released = released.len();
         }
-        match worst {
-            Some(kind) => permit.record_error_kind(kind),
-            None => permit.record_success(),
+        if transient {
+            permit.record_error_kind(ErrorKind::Transient);
+        } else {
+            permit.record_success();
         }
         Ok(report)
     }
@@ -464,5 +465,102 @@ impl RelayHandle {
             t.await.map_err(|e| OutboxError::Backend(Box::new(e)))?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outbox::{InMemoryOutbox, OutboxStore};
+    use crate::transport::InProcessTransport;
+
+    #[test]
+    fn backoff_caps_grow_and_jitter_stays_under_cap() {
+        let b = Backoff::new(Duration::from_millis(10), Duration::from_millis(100), 3.0);
+        assert_eq!(b.cap(0), Duration::from_millis(10));
+        assert_eq!(b.cap(2), Duration::from_millis(30));
+        assert_eq!(b.cap(3), Duration::from_millis(90));
+        assert_eq!(b.cap(4), Duration::from_millis(100));
+        assert_eq!(b.cap(u32::MAX), Duration::from_millis(100));
+        for n in 1..20 {
+            assert!(b.delay(n) <= b.cap(n));
+        }
+    }
+
+    #[tokio::test]
+    async fn open_breaker_releases_the_batch_without_attempts() {
+        let outbox = InMemoryOutbox::new();
+        let broker = InProcessTransport::new(); // "orders" undeclared: every publish fails
+        let mut cfg = RelayConfig::new("breaker");
+        cfg.breaker = CircuitBreakerConfig::new()
+            .minimum_calls(1)
+            .failure_rate_threshold(50.0)
+            .failure_kinds([ErrorKind::NotFound])
+            .wait_duration_in_open(Duration::from_secs(3600));
+        let relay = OutboxRelay::new(outbox.clone(), broker, cfg);
+        let a = OutboundMessage::new("orders", "a", vec![]);
+        outbox.enqueue(std::slice::from_ref(&a)).await.unwrap();
+        // NotFound is not transient: it never opens the breaker.
+        let r = relay.relay_once("w").await.unwrap();
+        assert_eq!((r.retrying, r.breaker_open), (1, false));
+        assert_eq!(
+            relay.breaker().state(),
+            vextrus_resilience::CircuitState::Closed
+        );
+
+        let outbox = InMemoryOutbox::new();
+        let mut cfg = RelayConfig::new("breaker-2");
+        cfg.breaker = CircuitBreakerConfig::new()
+            .minimum_calls(1)
+            .wait_duration_in_open(Duration::from_secs(3600));
+        let relay = OutboxRelay::new(outbox.clone(), Flaky, cfg);
+        outbox
+            .enqueue(&[
+                OutboundMessage::new("orders", "a", vec![]),
+                OutboundMessage::new("orders", "b", vec![]),
+            ])
+            .await
+            .unwrap();
+        let r = relay.relay_once("w").await.unwrap();
+        assert_eq!(r.retrying, 2);
+        assert_eq!(
+            relay.breaker().state(),
+            vextrus_resilience::CircuitState::Open
+        );
+        // Make them due again: the open breaker gives the batch back untouched.
+        for m in outbox.rows() {
+            outbox
+                .mark_failed(
+                    m.id(),
+                    &PublishFailure {
+                        error: "x".into(),
+                        retry_in: Duration::ZERO,
+                        max_attempts: 10,
+                        dead_now: false,
+                    },
+                )
+                .await
+                .unwrap();
+        }
+        let r = relay.relay_once("w").await.unwrap();
+        assert!(r.breaker_open);
+        assert_eq!((r.claimed, r.released, r.retrying), (2, 2, 0));
+        assert!(
+            outbox.rows().iter().all(|m| m.attempts == 2),
+            "no attempt was spent"
+        );
+        assert_eq!(
+            relay.relay_once("w2").await.unwrap().claimed,
+            2,
+            "released, claimable"
+        );
+    }
+
+    struct Flaky;
+
+    impl Transport for Flaky {
+        async fn publish(&self, _m: &OutboundMessage) -> Result<(), TransportError> {
+            Err(TransportError::Unavailable("down".into()))
+        }
     }
 }
