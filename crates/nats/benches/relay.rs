@@ -8,9 +8,13 @@
 //!    (one at a time);
 //! 2. raw async-nats publishes pipelined (all sent, then the acks awaited, in
 //!    windows of 4096 outstanding acks), same headers and payload;
+//!    The same again in rounds of 50 (one message per key, awaiting each
+//!    round's acks before the next: the shape of the relay's publishing);
 //! 3. the `OutboxRelay` draining an in-memory outbox whose messages were
 //!    enqueued (committed) beforehand, through `JetStreamTransport`: enqueue
 //!    committed -> broker ack, messages/s;
+//!    The relay to an `InProcessTransport` shows the relay's own ceiling
+//!    (claim, settle) without a broker;
 //! 4. commit -> ack latency (p50/p99) with the relay running while messages
 //!    are enqueued at a fixed rate of half the relay's measured maximum.
 //!
@@ -30,7 +34,9 @@ use uuid::Uuid;
 use vextrus_core::outbox::{
     Backoff, DeadLetters, InMemoryOutbox, OutboxRelay, OutboxStore, RelayConfig,
 };
-use vextrus_core::transport::{MessageId, OutboundMessage, Transport, TransportError};
+use vextrus_core::transport::{
+    InProcessTransport, MessageId, OutboundMessage, Transport, TransportError,
+};
 use vextrus_kernel::EventMetadata;
 use vextrus_nats::{JetStreamConfig, JetStreamTransport, StreamSpec};
 
@@ -93,9 +99,9 @@ async fn raw_sequential(js: &jetstream::Context, batch: &[OutboundMessage]) -> f
     batch.len() as f64 / start.elapsed().as_secs_f64()
 }
 
-async fn raw_pipelined(js: &jetstream::Context, batch: &[OutboundMessage]) -> f64 {
+async fn raw_pipelined(js: &jetstream::Context, batch: &[OutboundMessage], window: usize) -> f64 {
     let start = Instant::now();
-    for window in batch.chunks(WINDOW) {
+    for window in batch.chunks(window) {
         let mut acks = Vec::with_capacity(window.len());
         for m in window {
             acks.push(
@@ -157,7 +163,10 @@ fn relay_config(name: &str) -> RelayConfig {
     config
 }
 
-async fn relay_throughput(transport: &JetStreamTransport, batch: &[OutboundMessage]) -> f64 {
+async fn relay_throughput<T>(transport: &T, batch: &[OutboundMessage]) -> f64
+where
+    T: Transport + Clone + 'static,
+{
     let outbox = InMemoryOutbox::new();
     for chunk in batch.chunks(1000) {
         outbox.enqueue(chunk).await.expect("enqueue");
@@ -248,13 +257,17 @@ async fn main() {
     .expect("NATS JetStream must be running");
     let js = transport.jetstream().clone();
 
-    let (mut seq, mut pipe, mut relay, mut p50s, mut p99s) =
-        (vec![], vec![], vec![], vec![], vec![]);
+    let in_process = InProcessTransport::new();
+    in_process.declare(&destination);
+    let (mut seq, mut pipe, mut rounds, mut relay, mut ceiling, mut p50s, mut p99s) =
+        (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
     for run in 1..=runs {
         let seq_batch = messages((n / 4).max(1), &destination);
         seq.push(raw_sequential(&js, &seq_batch).await);
-        pipe.push(raw_pipelined(&js, &messages(n, &destination)).await);
+        pipe.push(raw_pipelined(&js, &messages(n, &destination), WINDOW).await);
+        rounds.push(raw_pipelined(&js, &messages(n, &destination), KEYS).await);
         relay.push(relay_throughput(&transport, &messages(n, &destination)).await);
+        ceiling.push(relay_throughput(&in_process, &messages(n, &destination)).await);
         let half = relay.last().copied().unwrap_or(1000.0) / 2.0;
         let latency_count = ((half * 5.0) as usize).clamp(500, n);
         let (p50, p99) =
@@ -278,7 +291,13 @@ async fn main() {
             .purge()
             .await;
     }
-    let (seq, pipe, relay) = (median(seq), median(pipe), median(relay));
+    let (seq, pipe, rounds, relay, ceiling) = (
+        median(seq),
+        median(pipe),
+        median(rounds),
+        median(relay),
+        median(ceiling),
+    );
     let (p50, p99) = (median_duration(p50s), median_duration(p99s));
     println!();
     println!(
@@ -288,9 +307,13 @@ async fn main() {
     println!("  raw publish, ack awaited one at a time : {seq:>10.0} msg/s");
     println!("  raw publish, pipelined acks            : {pipe:>10.0} msg/s");
     println!(
+        "  raw publish, pipelined in rounds of {KEYS} : {rounds:>10.0} msg/s  (the relay's round: one message per key)"
+    );
+    println!(
         "  relay (in-memory outbox -> JetStream)  : {relay:>10.0} msg/s  ({:.2} of raw pipelined)",
         relay / pipe
     );
+    println!("  relay to in-process (relay's ceiling)  : {ceiling:>10.0} msg/s");
     println!(
         "  commit -> ack at {:.0} msg/s            : p50 {:.2} ms, p99 {:.2} ms",
         relay / 2.0,
