@@ -178,8 +178,8 @@ END;
 $$;
 
 -- Appends a batch to a stream in one statement (one round trip):
--- idempotency check, optimistic-concurrency check on the stream row, the
--- stream row update and the multi-row insert.
+-- idempotency check (optional, see p_check_ids), optimistic-concurrency
+-- check on the stream row, the stream row update and the multi-row insert.
 --
 -- p_expected: >= 1 exact version; 0 or -2 no stream; -1 any; -3 stream exists.
 -- Outcomes: 0 appended, 1 wrong expected version (stream_version = actual
@@ -192,7 +192,8 @@ CREATE OR REPLACE FUNCTION vextrus_append(
     p_schema_versions integer[],
     p_payloads        jsonb[],
     p_metadata        jsonb[],
-    p_notify          boolean
+    p_notify          boolean,
+    p_check_ids       boolean
 )
 RETURNS TABLE (
     outcome           smallint,
@@ -211,7 +212,12 @@ DECLARE
     v_last  bigint;
     v_commit bigint;
 BEGIN
-    IF EXISTS (SELECT 1 FROM vextrus_events e WHERE e.event_id = ANY (p_event_ids)) THEN
+    -- Callers that cannot retry (an append inside the caller's transaction,
+    -- which a unique violation would abort) check for stored ids first; a
+    -- pooled append skips the check and, on the unique violation of
+    -- event_id, calls again with the check.
+    IF p_check_ids
+       AND EXISTS (SELECT 1 FROM vextrus_events e WHERE e.event_id = ANY (p_event_ids)) THEN
         RETURN QUERY SELECT * FROM vextrus_classify_duplicate(p_stream_id, p_expected, p_event_ids);
         RETURN;
     END IF;

@@ -243,7 +243,7 @@ impl PgEventStore {
         events: &[NewEvent],
     ) -> Result<AppendResult> {
         let args = AppendArgs::new(events, self.config.max_payload_bytes)?;
-        match self.call_append(tx, stream_id, expected, &args).await {
+        match self.call_append(tx, stream_id, expected, &args, true).await {
             Err(AppendFailure::EventIdTaken) => Err(EventStoreError::PartialDuplicate {
                 stream_id: stream_id.clone(),
                 event_id: events[0].event_id,
@@ -263,15 +263,16 @@ impl PgEventStore {
         let args = AppendArgs::new(events, self.config.max_payload_bytes)?;
         let mut conn = self.pool.acquire().await.map_err(map_sqlx)?;
         let result = match self
-            .call_append(&mut conn, stream_id, expected, &args)
+            .call_append(&mut conn, stream_id, expected, &args, false)
             .await
         {
-            // Another transaction stored one of these ids while we appended;
-            // it has committed now, so asking again classifies the batch as a
-            // re-append or a partial duplicate.
+            // One of these ids is stored already (a re-append, an id used in
+            // another stream, or a concurrent append that has committed
+            // now): asking again with the check classifies the batch as a
+            // re-append, a conflict or a partial duplicate.
             Err(AppendFailure::EventIdTaken) => {
                 match self
-                    .call_append(&mut conn, stream_id, expected, &args)
+                    .call_append(&mut conn, stream_id, expected, &args, true)
                     .await
                 {
                     Err(AppendFailure::EventIdTaken) => Err(EventStoreError::PartialDuplicate {
@@ -326,6 +327,7 @@ impl PgEventStore {
         stream_id: &StreamId,
         expected: ExpectedVersion,
         args: &AppendArgs,
+        check_ids: bool,
     ) -> std::result::Result<AppendResult, AppendFailure> {
         let expected_code: i64 = match expected {
             ExpectedVersion::Any => -1,
@@ -336,7 +338,7 @@ impl PgEventStore {
         let row = sqlx::query(
             "SELECT outcome, stream_version, first_position, first_commit, last_position, \
              last_commit, conflict_event_id \
-             FROM vextrus_append($1, $2, $3, $4, $5, $6, $7, $8)",
+             FROM vextrus_append($1, $2, $3, $4, $5, $6, $7, $8, $9)",
         )
         .bind(stream_id.as_str())
         .bind(expected_code)
@@ -346,6 +348,7 @@ impl PgEventStore {
         .bind(&args.payloads)
         .bind(&args.metadata)
         .bind(self.config.notify == NotifyMode::InTransaction)
+        .bind(check_ids)
         .fetch_one(conn)
         .await
         .map_err(|e| match unique_violation(&e) {
