@@ -23,7 +23,7 @@ use vextrus_core::saga::{
     SagaState as EngineState, SagaStore,
 };
 use vextrus_core::transport::InProcessTransport;
-use vextrus_kernel::{AggregateId, CommandContext, Currency, Money, Quantity, Sku};
+use vextrus_kernel::{AggregateId, CommandContext, Currency, HasErrorKind, Money, Quantity, Sku};
 use vextrus_sqlite::SqliteEventStore;
 
 use crate::accounting::Accounting;
@@ -359,10 +359,17 @@ pub async fn run_demo(config: DemoConfig, progress: Option<ProgressFn>) -> Resul
             quantity: Quantity::new(config.initial_stock.max(0))
                 .map_err(|e| Error::invalid("initial_stock", e.to_string()))?,
         };
-        system
-            .inventory
-            .receive(&IdempotencyKey::new(format!("initial-stock/{i}"))?, line)
-            .await?;
+        let key = IdempotencyKey::new(format!("initial-stock/{i}"))?;
+        // Stocking meets the same injected crashes: redeliver until done.
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            match system.inventory.receive(&key, line.clone()).await {
+                Ok(_) => break,
+                Err(e) if e.kind().is_retryable() && attempts < 100 => {}
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     let store = InMemorySagaStore::new();
