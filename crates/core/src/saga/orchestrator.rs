@@ -369,21 +369,28 @@ impl<S: SagaStore> Orchestrator<S> {
             t
         };
         t.inbox_message_id = Some(reply.message_id);
-        let inst = match self.store.commit(t).await {
-            Ok(i) => i,
-            Err(SagaError::DuplicateMessage(_)) => {
-                self.store.release(reply.saga_id, token).await?;
-                return Ok(ReplyDisposition::Duplicate);
-            }
-            Err(e) => return Err(e),
+        let mut pending = None;
+        let driven = match self.settle(&inst, t, &mut pending).await {
+            Ok(_) if !applies => return Ok(ReplyDisposition::Ignored),
+            // Applied and due again at once: the reply's transition is
+            // committed together with the next start, inside `drive`.
+            Ok(next) => self.drive(&*def, next, token, pending).await,
+            Err(e) => Err(e),
         };
-        if !applies {
-            return Ok(ReplyDisposition::Ignored);
+        match driven {
+            Ok(()) => Ok(ReplyDisposition::Applied),
+            Err(SagaError::DuplicateMessage(_)) => {
+                // Only the commit carrying the reply can say so: nothing was written.
+                self.store.release(reply.saga_id, token).await?;
+                Ok(ReplyDisposition::Duplicate)
+            }
+            Err(e) if self.store.message_handled(reply.message_id).await? => {
+                // The reply is recorded; what failed came after it.
+                tracing::warn!(saga = %reply.saga_id, error = %e, "driving the saga after a reply failed; a worker resumes it");
+                Ok(ReplyDisposition::Applied)
+            }
+            Err(e) => Err(e),
         }
-        if let Err(e) = self.drive(&*def, inst, token).await {
-            tracing::warn!(saga = %reply.saga_id, error = %e, "driving the saga after a reply failed; a worker resumes it");
-        }
-        Ok(ReplyDisposition::Applied)
     }
 
     /// Sagas passing `filter` (`vextrus saga list`).
@@ -424,8 +431,9 @@ impl<S: SagaStore> Orchestrator<S> {
         t.progress.in_flight = None;
         t.history
             .push(HistoryEvent::saga(HistoryKind::OperatorRetry));
-        let inst = self.store.commit(t).await?;
-        self.drive(&*def, inst, token).await?;
+        let mut pending = None;
+        let inst = self.settle(&inst, t, &mut pending).await?;
+        self.drive(&*def, inst, token, pending).await?;
         self.store.load(id).await?.ok_or(SagaError::NotFound(id))
     }
 
@@ -467,8 +475,9 @@ impl<S: SagaStore> Orchestrator<S> {
             t.progress.attempt = 0;
             t.progress.in_flight = None;
         }
-        let inst = self.store.commit(t).await?;
-        self.drive(&*def, inst, token).await?;
+        let mut pending = None;
+        let inst = self.settle(&inst, t, &mut pending).await?;
+        self.drive(&*def, inst, token, pending).await?;
         self.store.load(id).await?.ok_or(SagaError::NotFound(id))
     }
 
@@ -492,7 +501,7 @@ impl<S: SagaStore> Orchestrator<S> {
             .definition_or_release(&claim.instance, claim.token)
             .await
         {
-            Ok(def) => self.drive(&*def, claim.instance, claim.token).await,
+            Ok(def) => self.drive(&*def, claim.instance, claim.token, None).await,
             Err(e) => Err(e),
         };
         if let Err(e) = res {
@@ -517,25 +526,32 @@ impl<S: SagaStore> Orchestrator<S> {
 
     /// Drives a claimed saga until it must wait (for a reply, a retry's
     /// backoff, an operator) or is terminal; then releases the lease.
+    ///
+    /// `pending` is a transition not yet committed whose saga is due now
+    /// (`inst` is its preview): it is committed together with the start of
+    /// the next action or compensation, so a step costs one commit, not two.
     async fn drive(
         &self,
         def: &dyn ErasedSaga,
         mut inst: SagaInstance,
         token: u64,
+        mut pending: Option<SagaTransition>,
     ) -> Result<(), SagaError> {
         loop {
-            let waiting = matches!(inst.state, SagaState::CompensationFailed)
-                || inst.state.is_terminal()
-                || !self.is_due(&inst).await?;
-            if waiting {
-                if inst.lease.is_some() {
-                    self.store.release(inst.id, token).await?;
+            if pending.is_none() {
+                let waiting = matches!(inst.state, SagaState::CompensationFailed)
+                    || inst.state.is_terminal()
+                    || !self.is_due(&inst).await?;
+                if waiting {
+                    if inst.lease.is_some() {
+                        self.store.release(inst.id, token).await?;
+                    }
+                    return Ok(());
                 }
-                return Ok(());
             }
             let Some((step, kind)) = cursor(def, &inst) else {
                 // Every step done (or every compensation confirmed).
-                let mut t = self.base(&inst, token);
+                let mut t = pending.take().unwrap_or_else(|| self.base(&inst, token));
                 finish(&mut t, &inst);
                 self.store.commit(t).await?;
                 return Ok(());
@@ -545,7 +561,7 @@ impl<S: SagaStore> Orchestrator<S> {
                 // (also how a crash during a local call is recovered).
                 let t =
                     self.apply_outcome(def, &inst, token, step, kind, f.attempt, Outcome::TimedOut);
-                inst = self.store.commit(t).await?;
+                inst = self.settle(&inst, t, &mut pending).await?;
                 continue;
             }
             let attempt = inst.progress.attempt + 1;
@@ -562,7 +578,7 @@ impl<S: SagaStore> Orchestrator<S> {
                 StepKind::Action => HistoryKind::StepStarted,
                 StepKind::Compensation => HistoryKind::CompensationStarted,
             };
-            let mut t = self.base(&inst, token);
+            let mut t = pending.take().unwrap_or_else(|| self.base(&inst, token));
             t.progress.attempt = attempt;
             t.wake = Wake::After(info.timeout);
             t.history.push(HistoryEvent::step(
@@ -611,10 +627,27 @@ impl<S: SagaStore> Orchestrator<S> {
                         Err(_) => Outcome::TimedOut,
                     };
                     let t = self.apply_outcome(def, &started, token, step, kind, attempt, outcome);
-                    inst = self.store.commit(t).await?;
+                    inst = self.settle(&started, t, &mut pending).await?;
                 }
             }
         }
+    }
+
+    /// Commits `t`, unless the saga is due again at once and not finished:
+    /// then `t` becomes `pending` (committed with the next start) and the
+    /// preview of `inst` after `t` is returned.
+    async fn settle(
+        &self,
+        inst: &SagaInstance,
+        t: SagaTransition,
+        pending: &mut Option<SagaTransition>,
+    ) -> Result<SagaInstance, SagaError> {
+        if !continues_now(&t) {
+            return self.store.commit(t).await;
+        }
+        let preview = preview(inst, &t);
+        *pending = Some(t);
+        Ok(preview)
     }
 
     /// A transition that keeps everything as it is and extends the lease.
@@ -732,6 +765,25 @@ impl<S: SagaStore> Orchestrator<S> {
     }
 }
 
+/// Whether a transition leaves the saga due at once and still moving, so it
+/// can be committed together with the next start.
+fn continues_now(t: &SagaTransition) -> bool {
+    t.wake == Wake::Now
+        && matches!(t.state, SagaState::Running | SagaState::Compensating)
+        && t.commands.is_empty()
+}
+
+/// `inst` as it will be once `t` is committed.
+fn preview(inst: &SagaInstance, t: &SagaTransition) -> SagaInstance {
+    SagaInstance {
+        state: t.state,
+        data: t.data.clone(),
+        progress: t.progress.clone(),
+        last_error: t.last_error.clone(),
+        ..inst.clone()
+    }
+}
+
 fn outcome_name(o: &ReplyOutcome) -> &'static str {
     match o {
         ReplyOutcome::Success(_) => "success",
@@ -846,6 +898,82 @@ mod tests {
         )
         .unwrap();
         r
+    }
+
+    /// Counts commits, delegating everything to the in-memory store.
+    #[derive(Clone, Default)]
+    struct Counting {
+        inner: InMemorySagaStore,
+        commits: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl SagaStore for Counting {
+        async fn now(&self) -> Result<chrono::DateTime<chrono::Utc>, SagaError> {
+            self.inner.now().await
+        }
+        async fn create(&self, new: NewSaga) -> Result<SagaInstance, SagaError> {
+            self.inner.create(new).await
+        }
+        async fn load(&self, id: SagaId) -> Result<Option<SagaInstance>, SagaError> {
+            self.inner.load(id).await
+        }
+        async fn history(&self, id: SagaId) -> Result<Vec<HistoryEntry>, SagaError> {
+            self.inner.history(id).await
+        }
+        async fn list(&self, filter: &SagaFilter) -> Result<Vec<SagaInstance>, SagaError> {
+            self.inner.list(filter).await
+        }
+        async fn claim_due(
+            &self,
+            worker: &str,
+            lease: Duration,
+            limit: usize,
+        ) -> Result<Vec<Claim>, SagaError> {
+            self.inner.claim_due(worker, lease, limit).await
+        }
+        async fn claim(
+            &self,
+            id: SagaId,
+            worker: &str,
+            lease: Duration,
+        ) -> Result<Claim, SagaError> {
+            self.inner.claim(id, worker, lease).await
+        }
+        async fn commit(&self, t: SagaTransition) -> Result<SagaInstance, SagaError> {
+            self.commits
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.inner.commit(t).await
+        }
+        async fn release(&self, id: SagaId, token: u64) -> Result<(), SagaError> {
+            self.inner.release(id, token).await
+        }
+        async fn message_handled(&self, message_id: Uuid) -> Result<bool, SagaError> {
+            self.inner.message_handled(message_id).await
+        }
+    }
+
+    #[tokio::test]
+    async fn each_step_costs_one_commit() {
+        let store = Counting::default();
+        let orch = Orchestrator::new(store.clone(), registry());
+        let id = orch.start("local", &0u32).await.unwrap();
+        orch.run_until_idle().await.unwrap();
+        let view = orch.show(id).await.unwrap();
+        assert_eq!(view.instance.state, SagaState::Completed);
+        // start a; a succeeded + start b; b succeeded + saga completed.
+        assert_eq!(store.commits.load(std::sync::atomic::Ordering::SeqCst), 3);
+        let kinds: Vec<_> = view.history.iter().map(|h| h.event.kind).collect();
+        assert_eq!(
+            kinds,
+            [
+                HistoryKind::SagaStarted,
+                HistoryKind::StepStarted,
+                HistoryKind::StepSucceeded,
+                HistoryKind::StepStarted,
+                HistoryKind::StepSucceeded,
+                HistoryKind::SagaCompleted
+            ]
+        );
     }
 
     #[tokio::test]
