@@ -84,7 +84,10 @@
 //! append-only history: time, step, attempt, error, worker); the outgoing
 //! command of a remote step; and the inbox record of the reply that caused
 //! it. A reply is therefore applied exactly once, and a command is queued
-//! exactly when its "started" transition is.
+//! exactly when its "started" transition is. A transition after which the
+//! saga is due at once (a step succeeded, compensation required) is written
+//! in the same transaction as the next "started" one, so a step costs one
+//! commit; the intent of every call is still stored before the call is made.
 //!
 //! # Idempotency keys
 //!
