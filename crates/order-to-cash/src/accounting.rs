@@ -117,7 +117,10 @@ impl JournalEntry {
     /// equal to credits in every currency.
     pub fn new(lines: Vec<JournalLine>) -> Result<Self> {
         if lines.len() < 2 {
-            return Err(Error::invalid("lines", "a journal entry needs at least two lines"));
+            return Err(Error::invalid(
+                "lines",
+                "a journal entry needs at least two lines",
+            ));
         }
         let mut sums: BTreeMap<Currency, (i128, i128)> = BTreeMap::new();
         for line in &lines {
@@ -126,7 +129,10 @@ impl JournalEntry {
                 Side::Credit(m) => (m, false),
             };
             if !amount.is_positive() {
-                return Err(Error::invalid("amount", format!("{amount} on {:?} is not positive", line.account)));
+                return Err(Error::invalid(
+                    "amount",
+                    format!("{amount} on {:?} is not positive", line.account),
+                ));
             }
             let entry = sums.entry(amount.currency()).or_default();
             if is_debit {
@@ -435,10 +441,13 @@ impl Accounting {
         .map_err(Error::db(P))?;
         let currency: String = row.try_get(0).map_err(Error::db(P))?;
         let minor: i64 = row.try_get(1).map_err(Error::db(P))?;
-        let currency: Currency = currency.parse().map_err(|e: vextrus_kernel::MoneyError| Error::Corrupt {
-            participant: P,
-            reason: e.to_string(),
-        })?;
+        let currency: Currency =
+            currency
+                .parse()
+                .map_err(|e: vextrus_kernel::MoneyError| Error::Corrupt {
+                    participant: P,
+                    reason: e.to_string(),
+                })?;
         Ok(Money::from_minor(minor, currency))
     }
 }
@@ -476,7 +485,9 @@ impl Participant for Accounting {
                         if posted != *amount {
                             return Err(Error::IllegalState {
                                 participant: P,
-                                reason: format!("order {order_id} is already invoiced for {posted}"),
+                                reason: format!(
+                                    "order {order_id} is already invoiced for {posted}"
+                                ),
                             });
                         }
                         return Ok(AccountingReply::Invoiced {
@@ -492,7 +503,10 @@ impl Participant for Accounting {
                     }
                     None => {}
                 }
-                Self::post(conn, &entry_id, order_id, "invoice", None, "invoice", &entry).await?;
+                Self::post(
+                    conn, &entry_id, order_id, "invoice", None, "invoice", &entry,
+                )
+                .await?;
                 Ok(AccountingReply::Invoiced {
                     entry_id,
                     amount: *amount,
@@ -502,9 +516,18 @@ impl Participant for Accounting {
                 match Self::invoice_of(conn, order_id).await? {
                     Some((id, false)) => {
                         let amount = Self::invoice_amount(conn, &id).await?;
-                        let entry = JournalEntry::simple(Account::Revenue, Account::Receivable, amount)?;
-                        Self::post(conn, &entry_id, order_id, "reversal", Some(&id), "invoice reversed", &entry)
-                            .await?;
+                        let entry =
+                            JournalEntry::simple(Account::Revenue, Account::Receivable, amount)?;
+                        Self::post(
+                            conn,
+                            &entry_id,
+                            order_id,
+                            "reversal",
+                            Some(&id),
+                            "invoice reversed",
+                            &entry,
+                        )
+                        .await?;
                         Ok(AccountingReply::Reversed {
                             entry_id: Some(entry_id),
                         })
@@ -514,8 +537,16 @@ impl Participant for Accounting {
             }
             AccountingCommand::RecordSettlement { order_id, amount } => {
                 let entry = JournalEntry::simple(Account::Cash, Account::Receivable, *amount)?;
-                Self::post(conn, &entry_id, order_id, "settlement", None, "processor payout", &entry)
-                    .await?;
+                Self::post(
+                    conn,
+                    &entry_id,
+                    order_id,
+                    "settlement",
+                    None,
+                    "processor payout",
+                    &entry,
+                )
+                .await?;
                 Ok(AccountingReply::Settled { entry_id })
             }
         }

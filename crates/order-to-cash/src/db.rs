@@ -148,7 +148,8 @@ impl Database {
             participant: "database",
             source: sqlx::Error::Io(e),
         })?;
-        let mut db = Self::sqlite_file(&dir.path().join("participant.db"), Durability::Normal).await?;
+        let mut db =
+            Self::sqlite_file(&dir.path().join("participant.db"), Durability::Normal).await?;
         db._temp = Some(Arc::new(dir));
         Ok(db)
     }
@@ -309,7 +310,10 @@ impl IdempotencyKey {
             ));
         }
         if key.chars().any(char::is_control) {
-            return Err(Error::invalid("idempotency key", "holds a control character"));
+            return Err(Error::invalid(
+                "idempotency key",
+                "holds a control character",
+            ));
         }
         Ok(Self(key))
     }
@@ -411,10 +415,12 @@ where
         participant,
         reason: format!("key {key} is committed without a reply"),
     })?;
-    serde_json::from_str(&reply).map(Some).map_err(|e| Error::Corrupt {
-        participant,
-        reason: format!("stored reply for {key} does not decode: {e}"),
-    })
+    serde_json::from_str(&reply)
+        .map(Some)
+        .map_err(|e| Error::Corrupt {
+            participant,
+            reason: format!("stored reply for {key} does not decode: {e}"),
+        })
 }
 
 /// Stores the reply of the command that claimed `key` (same transaction).

@@ -30,8 +30,8 @@ use crate::accounting::Accounting;
 use crate::db::{Database, Durability, IdempotencyKey};
 use crate::error::{Error, Result};
 use crate::faults::{FaultConfig, FaultInjector, InjectedCounts};
-use crate::inventory::{Inventory, StockLine};
 use crate::invariants::{InvariantReport, SagaRecord, SagaState, SystemSnapshot, check};
+use crate::inventory::{Inventory, StockLine};
 use crate::payment::Payment;
 use crate::saga::{
     ACCOUNTING, INVENTORY, OrderToCashData, PAYMENT, REPLIES, SAGA_TYPE, SHIPPING, STEPS,
@@ -375,7 +375,11 @@ pub async fn run_demo(config: DemoConfig, progress: Option<ProgressFn>) -> Resul
     let store = InMemorySagaStore::new();
     let registry = SagaRegistry::new();
     registry
-        .register(definition(system.sales.clone(), faults.clone(), config.policy))
+        .register(definition(
+            system.sales.clone(),
+            faults.clone(),
+            config.policy,
+        ))
         .map_err(saga_error)?;
     let transport = InProcessTransport::new();
     for d in [INVENTORY, PAYMENT, SHIPPING, ACCOUNTING, REPLIES] {
@@ -459,7 +463,11 @@ pub async fn run_demo(config: DemoConfig, progress: Option<ProgressFn>) -> Resul
                 // An invalid order prices its first line in a currency
                 // other than the order's: validation rejects it.
                 let line_currency = if invalid && i == 0 {
-                    if currency == Currency::USD { Currency::EUR } else { Currency::USD }
+                    if currency == Currency::USD {
+                        Currency::EUR
+                    } else {
+                        Currency::USD
+                    }
                 } else {
                     currency
                 };
@@ -557,7 +565,11 @@ pub async fn run_demo(config: DemoConfig, progress: Option<ProgressFn>) -> Resul
             _ => not_terminal += 1,
         }
         if inst.state.is_terminal() {
-            saga_latency.push((inst.updated_at - inst.created_at).to_std().unwrap_or_default());
+            saga_latency.push(
+                (inst.updated_at - inst.created_at)
+                    .to_std()
+                    .unwrap_or_default(),
+            );
         }
         let mut first_start: HashMap<usize, chrono::DateTime<chrono::Utc>> = HashMap::new();
         let mut events = Vec::new();

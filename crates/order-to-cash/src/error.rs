@@ -77,7 +77,9 @@ pub enum Error {
         reason: String,
     },
     /// A journal entry's debits and credits differ in some currency.
-    #[error("journal entry is not balanced in {currency}: debits {debits}, credits {credits} (minor units)")]
+    #[error(
+        "journal entry is not balanced in {currency}: debits {debits}, credits {credits} (minor units)"
+    )]
     Unbalanced {
         /// The currency code.
         currency: String,
@@ -129,9 +131,10 @@ impl HasErrorKind for Error {
         match self {
             Error::Database { .. } | Error::InjectedCrash { .. } => ErrorKind::Transient,
             Error::Repository(e) => e.kind(),
-            Error::Order(_) | Error::Invalid { .. } | Error::Unbalanced { .. } | Error::IllegalState { .. } => {
-                ErrorKind::Validation
-            }
+            Error::Order(_)
+            | Error::Invalid { .. }
+            | Error::Unbalanced { .. }
+            | Error::IllegalState { .. } => ErrorKind::Validation,
             Error::KeyReused { .. } => ErrorKind::Conflict,
             Error::NotFound { .. } => ErrorKind::NotFound,
             Error::Corrupt { .. } => ErrorKind::Fatal,

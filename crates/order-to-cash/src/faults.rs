@@ -81,7 +81,10 @@ impl FaultConfig {
             ("invalid_order_rate", self.invalid_order_rate),
         ] {
             if !(0.0..=1.0).contains(&rate) {
-                return Err(Error::invalid(field, format!("{rate} is not within [0, 1]")));
+                return Err(Error::invalid(
+                    field,
+                    format!("{rate} is not within [0, 1]"),
+                ));
             }
         }
         Ok(())
@@ -280,7 +283,9 @@ impl FaultInjector {
                 .deliveries
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let n = map.entry((participant, format!("{key}#reply"))).or_insert(0);
+            let n = map
+                .entry((participant, format!("{key}#reply")))
+                .or_insert(0);
             *n += 1;
             *n == 1
         };
@@ -317,10 +322,11 @@ mod tests {
                 ..FaultConfig::none()
             },
         );
-        let hits = (0..10_000)
-            .filter(|i| f.declines(&format!("o{i}")))
-            .count();
-        assert!((800..1200).contains(&hits), "{hits} declines of 10000 at 10%");
+        let hits = (0..10_000).filter(|i| f.declines(&format!("o{i}"))).count();
+        assert!(
+            (800..1200).contains(&hits),
+            "{hits} declines of 10000 at 10%"
+        );
     }
 
     #[test]

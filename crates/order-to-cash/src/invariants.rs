@@ -410,7 +410,8 @@ fn check_stock(s: &SystemSnapshot, v: &mut Vec<Violation>) {
         *sums.entry((r.sku.as_str(), r.state.as_str())).or_default() += r.quantity;
     }
     for level in &s.stock {
-        let sum = i128::from(level.on_hand) + i128::from(level.reserved) + i128::from(level.shipped);
+        let sum =
+            i128::from(level.on_hand) + i128::from(level.reserved) + i128::from(level.shipped);
         if i128::from(level.initial) != sum {
             v.push(Violation::StockNotConserved {
                 sku: level.sku.to_string(),
@@ -564,13 +565,22 @@ fn check_invoices(s: &SystemSnapshot, v: &mut Vec<Violation>) {
             .or_default()
             .push((l.currency.as_str(), l.debit_minor));
     }
-    for o in s.orders.iter().filter(|o| o.status == OrderStatus::Completed) {
-        let detail = match (invoices.get(o.order_id.as_str()).map(Vec::as_slice), &o.total) {
+    for o in s
+        .orders
+        .iter()
+        .filter(|o| o.status == OrderStatus::Completed)
+    {
+        let detail = match (
+            invoices.get(o.order_id.as_str()).map(Vec::as_slice),
+            &o.total,
+        ) {
             (None | Some([]), _) => Some("no unreversed invoice entry".to_owned()),
             (Some([(currency, minor)]), Some(total)) => {
                 let same = *currency == total.currency().code()
                     && i128::from(*minor) == total.to_minor_units();
-                (!same).then(|| format!("invoiced {currency} {minor} minor units, the order's total is {total}"))
+                (!same).then(|| {
+                    format!("invoiced {currency} {minor} minor units, the order's total is {total}")
+                })
             }
             (Some([_]), None) => Some("the order has no valid total".to_owned()),
             (Some(many), _) => Some(format!("{} unreversed invoices", many.len())),

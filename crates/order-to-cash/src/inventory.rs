@@ -179,7 +179,10 @@ fn merge(lines: &[StockLine]) -> Result<BTreeMap<Sku, Quantity>> {
     let mut merged: BTreeMap<Sku, Quantity> = BTreeMap::new();
     for line in lines {
         if line.quantity.is_zero() {
-            return Err(Error::invalid("quantity", format!("zero units of {}", line.sku)));
+            return Err(Error::invalid(
+                "quantity",
+                format!("zero units of {}", line.sku),
+            ));
         }
         let entry = merged.entry(line.sku.clone()).or_insert(Quantity::ZERO);
         *entry = entry
@@ -238,7 +241,11 @@ impl Inventory {
     }
 
     /// Releases an order's reservation (compensation).
-    pub async fn release(&self, key: &IdempotencyKey, order_id: &AggregateId) -> Result<InventoryReply> {
+    pub async fn release(
+        &self,
+        key: &IdempotencyKey,
+        order_id: &AggregateId,
+    ) -> Result<InventoryReply> {
         let command = InventoryCommand::Release {
             order_id: order_id.clone(),
         };
@@ -246,7 +253,11 @@ impl Inventory {
     }
 
     /// Ships an order's reservation.
-    pub async fn ship(&self, key: &IdempotencyKey, order_id: &AggregateId) -> Result<InventoryReply> {
+    pub async fn ship(
+        &self,
+        key: &IdempotencyKey,
+        order_id: &AggregateId,
+    ) -> Result<InventoryReply> {
         let command = InventoryCommand::Ship {
             order_id: order_id.clone(),
         };
@@ -346,14 +357,19 @@ impl Inventory {
     ) -> Result<InventoryReply> {
         let merged = merge(lines)?;
         let Some((first_sku, first_q)) = merged.iter().next() else {
-            return Err(Error::invalid("lines", "an order must reserve at least one line"));
+            return Err(Error::invalid(
+                "lines",
+                "an order must reserve at least one line",
+            ));
         };
         let existing = Self::order_rows(conn, order_id).await?;
         if !existing.is_empty() {
             if existing.iter().any(|(_, _, state)| state == "released") {
                 return Err(Error::IllegalState {
                     participant: P,
-                    reason: format!("order {order_id}'s reservation was released; it cannot be reserved again"),
+                    reason: format!(
+                        "order {order_id}'s reservation was released; it cannot be reserved again"
+                    ),
                 });
             }
             let rows: Vec<(String, i64)> = existing.into_iter().map(|(s, q, _)| (s, q)).collect();
@@ -403,7 +419,9 @@ impl Inventory {
             if updated != 1 {
                 // Only possible if another writer changed the row inside our
                 // transaction, which the write lock rules out: a bug.
-                return Err(corrupt(format!("stock of {sku} changed during a reservation")));
+                return Err(corrupt(format!(
+                    "stock of {sku} changed during a reservation"
+                )));
             }
             sqlx::query(
                 "INSERT INTO inventory_reservations (order_id, sku, quantity, state) VALUES ($1, $2, $3, 'reserved')",
@@ -423,7 +441,10 @@ impl Inventory {
         })
     }
 
-    async fn apply_release(conn: &mut AnyConnection, order_id: &AggregateId) -> Result<InventoryReply> {
+    async fn apply_release(
+        conn: &mut AnyConnection,
+        order_id: &AggregateId,
+    ) -> Result<InventoryReply> {
         let rows = Self::order_rows(conn, order_id).await?;
         let mut released = Vec::new();
         let mut returned = Vec::new();
@@ -462,7 +483,10 @@ impl Inventory {
         })
     }
 
-    async fn apply_ship(conn: &mut AnyConnection, order_id: &AggregateId) -> Result<InventoryReply> {
+    async fn apply_ship(
+        conn: &mut AnyConnection,
+        order_id: &AggregateId,
+    ) -> Result<InventoryReply> {
         let rows = Self::order_rows(conn, order_id).await?;
         if rows.is_empty() || rows.iter().any(|(_, _, s)| s == "released") {
             return Err(Error::IllegalState {

@@ -215,19 +215,32 @@ impl Payment {
     }
 
     /// Captures an order's authorization.
-    pub async fn capture(&self, key: &IdempotencyKey, order_id: &AggregateId) -> Result<PaymentReply> {
+    pub async fn capture(
+        &self,
+        key: &IdempotencyKey,
+        order_id: &AggregateId,
+    ) -> Result<PaymentReply> {
         let order_id = order_id.clone();
-        self.handle(key, &PaymentCommand::Capture { order_id }).await
+        self.handle(key, &PaymentCommand::Capture { order_id })
+            .await
     }
 
     /// Refunds an order's capture (compensation).
-    pub async fn refund(&self, key: &IdempotencyKey, order_id: &AggregateId) -> Result<PaymentReply> {
+    pub async fn refund(
+        &self,
+        key: &IdempotencyKey,
+        order_id: &AggregateId,
+    ) -> Result<PaymentReply> {
         let order_id = order_id.clone();
         self.handle(key, &PaymentCommand::Refund { order_id }).await
     }
 
     /// Settles an order's capture.
-    pub async fn settle(&self, key: &IdempotencyKey, order_id: &AggregateId) -> Result<PaymentReply> {
+    pub async fn settle(
+        &self,
+        key: &IdempotencyKey,
+        order_id: &AggregateId,
+    ) -> Result<PaymentReply> {
         let order_id = order_id.clone();
         self.handle(key, &PaymentCommand::Settle { order_id }).await
     }
@@ -259,7 +272,10 @@ impl Payment {
             .map_err(Error::db(P))
     }
 
-    async fn load(conn: &mut AnyConnection, order_id: &AggregateId) -> Result<Option<PaymentRecord>> {
+    async fn load(
+        conn: &mut AnyConnection,
+        order_id: &AggregateId,
+    ) -> Result<Option<PaymentRecord>> {
         let row = sqlx::query(
             "SELECT order_id, payment_id, currency, amount_minor, state, captured_minor, refunded_minor, settled_minor
              FROM payment_payments WHERE order_id = $1",
@@ -292,7 +308,10 @@ impl Payment {
         amount: &Money,
     ) -> Result<PaymentReply> {
         if !amount.is_positive() {
-            return Err(Error::invalid("amount", format!("{amount} is not positive")));
+            return Err(Error::invalid(
+                "amount",
+                format!("{amount} is not positive"),
+            ));
         }
         let minor = minor_i64(amount, "amount")?;
         if let Some(existing) = Self::load(conn, order_id).await? {
@@ -309,7 +328,9 @@ impl Payment {
                 }),
                 state => Err(Error::IllegalState {
                     participant: P,
-                    reason: format!("order {order_id}'s payment is {state}; it cannot be authorized again"),
+                    reason: format!(
+                        "order {order_id}'s payment is {state}; it cannot be authorized again"
+                    ),
                 }),
             };
         }
@@ -363,13 +384,19 @@ impl Payment {
             }
             Some(p) if p.state == "captured" || p.state == "settled" => Err(Error::IllegalState {
                 participant: P,
-                reason: format!("order {order_id}'s payment is {}; refund it before voiding", p.state),
+                reason: format!(
+                    "order {order_id}'s payment is {}; refund it before voiding",
+                    p.state
+                ),
             }),
             _ => Ok(PaymentReply::Voided { dropped: false }),
         }
     }
 
-    async fn apply_capture(conn: &mut AnyConnection, order_id: &AggregateId) -> Result<PaymentReply> {
+    async fn apply_capture(
+        conn: &mut AnyConnection,
+        order_id: &AggregateId,
+    ) -> Result<PaymentReply> {
         let Some(p) = Self::load(conn, order_id).await? else {
             return Err(Error::NotFound {
                 participant: P,
@@ -399,7 +426,10 @@ impl Payment {
         })
     }
 
-    async fn apply_refund(conn: &mut AnyConnection, order_id: &AggregateId) -> Result<PaymentReply> {
+    async fn apply_refund(
+        conn: &mut AnyConnection,
+        order_id: &AggregateId,
+    ) -> Result<PaymentReply> {
         match Self::load(conn, order_id).await? {
             Some(p) if p.state == "captured" => {
                 Self::set_state(
@@ -414,13 +444,18 @@ impl Payment {
             }
             Some(p) if p.state == "settled" => Err(Error::IllegalState {
                 participant: P,
-                reason: format!("order {order_id}'s payment is settled; refunds after settlement are not modelled"),
+                reason: format!(
+                    "order {order_id}'s payment is settled; refunds after settlement are not modelled"
+                ),
             }),
             _ => Ok(PaymentReply::Refunded { amount: None }),
         }
     }
 
-    async fn apply_settle(conn: &mut AnyConnection, order_id: &AggregateId) -> Result<PaymentReply> {
+    async fn apply_settle(
+        conn: &mut AnyConnection,
+        order_id: &AggregateId,
+    ) -> Result<PaymentReply> {
         match Self::load(conn, order_id).await? {
             Some(p) if p.state == "captured" => {
                 Self::set_state(

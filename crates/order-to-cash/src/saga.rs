@@ -29,7 +29,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use vextrus_core::saga::{
-    Action, Orchestrator, ReplyOutcome, RemoteCommand, SagaCommand, SagaCommandOutbox,
+    Action, Orchestrator, RemoteCommand, ReplyOutcome, SagaCommand, SagaCommandOutbox,
     SagaDefinition, SagaError, SagaReply, SagaStore, Step, StepContext, StepOutcome, StepRetry,
 };
 use vextrus_core::transport::{
@@ -122,7 +122,11 @@ fn payload<T: Serialize>(value: &T) -> Value {
     serde_json::to_value(value).unwrap_or(Value::Null)
 }
 
-fn remote<C, F>(destination: &'static str, command_type: &'static str, build: F) -> Action<OrderToCashData>
+fn remote<C, F>(
+    destination: &'static str,
+    command_type: &'static str,
+    build: F,
+) -> Action<OrderToCashData>
 where
     C: Serialize,
     F: Fn(&OrderToCashData) -> C + Send + Sync + 'static,
@@ -202,11 +206,8 @@ pub fn definition<S>(
 where
     S: EventAppender + EventReader + SnapshotStore + Send + Sync + 'static,
 {
-    let retry = StepRetry::new(policy.action_attempts).backoff(
-        policy.backoff,
-        2,
-        Duration::from_secs(1),
-    );
+    let retry =
+        StepRetry::new(policy.action_attempts).backoff(policy.backoff, 2, Duration::from_secs(1));
     let comp_retry = StepRetry::new(policy.compensation_attempts).backoff(
         policy.backoff,
         2,
@@ -228,7 +229,10 @@ where
                     return StepOutcome::BusinessFailure("sales.validate failed (forced)".into());
                 }
                 let cctx = context(&ctx);
-                match sales.execute(&d.order_id, OrderCommand::Validate, &cctx).await {
+                match sales
+                    .execute(&d.order_id, OrderCommand::Validate, &cctx)
+                    .await
+                {
                     Ok(root) => match root.state().total() {
                         Ok(total) => {
                             d.total = Some(total);
@@ -243,7 +247,9 @@ where
                             reason: format!("rejected: {reason}"),
                         };
                         match sales.execute(&d.order_id, cancel, &cctx).await {
-                            Ok(_) => StepOutcome::BusinessFailure(format!("order rejected: {reason}")),
+                            Ok(_) => {
+                                StepOutcome::BusinessFailure(format!("order rejected: {reason}"))
+                            }
                             Err(e) => sales_failure(e),
                         }
                     }
@@ -292,7 +298,10 @@ where
                     OrderCommand::MarkInvoiced { entry_id },
                     OrderCommand::Complete,
                 ];
-                match sales.execute_all(&d.order_id, commands, &context(&ctx)).await {
+                match sales
+                    .execute_all(&d.order_id, commands, &context(&ctx))
+                    .await
+                {
                     Ok(_) => StepOutcome::Success(d),
                     Err(e) => sales_failure(e),
                 }
@@ -312,11 +321,13 @@ where
                     }
                 }),
             )
-            .compensate_with(remote(INVENTORY, "inventory.release", |d: &OrderToCashData| {
-                InventoryCommand::Release {
+            .compensate_with(remote(
+                INVENTORY,
+                "inventory.release",
+                |d: &OrderToCashData| InventoryCommand::Release {
                     order_id: d.order_id.clone(),
-                }
-            })),
+                },
+            )),
         )
         .step(
             step(
@@ -327,7 +338,9 @@ where
                     |d: &OrderToCashData| PaymentCommand::Authorize {
                         order_id: d.order_id.clone(),
                         // Validated before this step: the total is set.
-                        amount: d.total.unwrap_or_else(|| Money::zero(vextrus_kernel::Currency::XAU)),
+                        amount: d
+                            .total
+                            .unwrap_or_else(|| Money::zero(vextrus_kernel::Currency::XAU)),
                     },
                     |mut d, body| {
                         d.payment_id = Some(reply_field(body, "payment_id")?);
@@ -357,11 +370,13 @@ where
                     },
                 ),
             )
-            .compensate_with(remote(SHIPPING, "shipping.cancel", |d: &OrderToCashData| {
-                ShippingCommand::Cancel {
+            .compensate_with(remote(
+                SHIPPING,
+                "shipping.cancel",
+                |d: &OrderToCashData| ShippingCommand::Cancel {
                     order_id: d.order_id.clone(),
-                }
-            })),
+                },
+            )),
         )
         .step(
             step(
@@ -372,11 +387,13 @@ where
                     }
                 }),
             )
-            .compensate_with(remote(INVENTORY, "inventory.release", |d: &OrderToCashData| {
-                InventoryCommand::Release {
+            .compensate_with(remote(
+                INVENTORY,
+                "inventory.release",
+                |d: &OrderToCashData| InventoryCommand::Release {
                     order_id: d.order_id.clone(),
-                }
-            })),
+                },
+            )),
         )
         .step(
             step(
@@ -387,11 +404,13 @@ where
                     }
                 }),
             )
-            .compensate_with(remote(PAYMENT, "payment.refund", |d: &OrderToCashData| {
-                PaymentCommand::Refund {
+            .compensate_with(remote(
+                PAYMENT,
+                "payment.refund",
+                |d: &OrderToCashData| PaymentCommand::Refund {
                     order_id: d.order_id.clone(),
-                }
-            })),
+                },
+            )),
         )
         .step(
             step(
@@ -401,7 +420,9 @@ where
                     "accounting.post_invoice",
                     |d: &OrderToCashData| AccountingCommand::PostInvoice {
                         order_id: d.order_id.clone(),
-                        amount: d.total.unwrap_or_else(|| Money::zero(vextrus_kernel::Currency::XAU)),
+                        amount: d
+                            .total
+                            .unwrap_or_else(|| Money::zero(vextrus_kernel::Currency::XAU)),
                     },
                     |mut d, body| {
                         d.invoice_entry_id = Some(reply_field(body, "entry_id")?);
@@ -423,7 +444,11 @@ where
 /// Publishes the orchestrator's queued commands to the transport, oldest
 /// first, marking them sent only after the transport confirmed them.
 /// Returns how many it published.
-pub async fn relay_commands<O, T>(outbox: &O, transport: &T, limit: usize) -> Result<usize, SagaError>
+pub async fn relay_commands<O, T>(
+    outbox: &O,
+    transport: &T,
+    limit: usize,
+) -> Result<usize, SagaError>
 where
     O: SagaCommandOutbox,
     T: Transport,

@@ -18,8 +18,8 @@ use serde::{Deserialize, Serialize};
 use vextrus_core::{EventAppender, EventReader, EventSourcedRepository, SnapshotStore};
 use vextrus_kernel::money::Decimal;
 use vextrus_kernel::{
-    Aggregate, AggregateId, AggregateRoot, CommandContext, Currency, DomainEvent, Money,
-    Quantity, Repository, RepositoryError, RoundingMode, Sku,
+    Aggregate, AggregateId, AggregateRoot, CommandContext, Currency, DomainEvent, Money, Quantity,
+    Repository, RepositoryError, RoundingMode, Sku,
 };
 
 use crate::error::{Error, Result};
@@ -37,7 +37,9 @@ pub struct OrderLine {
 }
 
 /// Where an order is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum OrderStatus {
     /// Not placed yet (no events).
@@ -285,12 +287,17 @@ impl Order {
             return Err(OrderError::Rejected(format!("zero units of {}", line.sku)));
         }
         if let Some(line) = self.lines.iter().find(|l| !l.unit_price.is_positive()) {
-            return Err(OrderError::Rejected(format!("{} has no positive price", line.sku)));
+            return Err(OrderError::Rejected(format!(
+                "{} has no positive price",
+                line.sku
+            )));
         }
         let total = self.total()?;
         let max = Money::from_major(Self::MAX_TOTAL_MAJOR, total.currency());
         if total > max {
-            return Err(OrderError::Rejected(format!("the total {total} is above {max}")));
+            return Err(OrderError::Rejected(format!(
+                "the total {total} is above {max}"
+            )));
         }
         Ok(total)
     }
@@ -366,9 +373,12 @@ impl Aggregate for Order {
                     })
                 }
             }
-            OrderCommand::MarkReserved => {
-                self.step("mark reserved", S::Validated, S::Reserved, OrderEvent::Reserved)
-            }
+            OrderCommand::MarkReserved => self.step(
+                "mark reserved",
+                S::Validated,
+                S::Reserved,
+                OrderEvent::Reserved,
+            ),
             OrderCommand::MarkAuthorized { payment_id } => self.step(
                 "mark authorized",
                 S::Reserved,
@@ -381,9 +391,12 @@ impl Aggregate for Order {
                 S::Shipped,
                 OrderEvent::Shipped { shipment_id },
             ),
-            OrderCommand::MarkCaptured => {
-                self.step("mark captured", S::Shipped, S::Captured, OrderEvent::Captured)
-            }
+            OrderCommand::MarkCaptured => self.step(
+                "mark captured",
+                S::Shipped,
+                S::Captured,
+                OrderEvent::Captured,
+            ),
             OrderCommand::MarkInvoiced { entry_id } => self.step(
                 "mark invoiced",
                 S::Captured,

@@ -132,9 +132,14 @@ impl Shipping {
     }
 
     /// Cancels a shipment (compensation).
-    pub async fn cancel(&self, key: &IdempotencyKey, order_id: &AggregateId) -> Result<ShippingReply> {
+    pub async fn cancel(
+        &self,
+        key: &IdempotencyKey,
+        order_id: &AggregateId,
+    ) -> Result<ShippingReply> {
         let order_id = order_id.clone();
-        self.handle(key, &ShippingCommand::Cancel { order_id }).await
+        self.handle(key, &ShippingCommand::Cancel { order_id })
+            .await
     }
 
     /// Every shipment, by order.
@@ -157,7 +162,10 @@ impl Shipping {
             .map_err(Error::db(P))
     }
 
-    async fn load(conn: &mut AnyConnection, order_id: &AggregateId) -> Result<Option<(String, String)>> {
+    async fn load(
+        conn: &mut AnyConnection,
+        order_id: &AggregateId,
+    ) -> Result<Option<(String, String)>> {
         sqlx::query("SELECT shipment_id, state FROM shipping_shipments WHERE order_id = $1")
             .bind(order_id.as_str())
             .fetch_optional(&mut *conn)
@@ -198,7 +206,10 @@ impl Participant for Shipping {
         match command {
             ShippingCommand::Create { order_id, items } => {
                 if items.is_empty() {
-                    return Err(Error::invalid("items", "a shipment needs at least one item"));
+                    return Err(Error::invalid(
+                        "items",
+                        "a shipment needs at least one item",
+                    ));
                 }
                 match Self::load(conn, order_id).await? {
                     Some((shipment_id, state)) if state == "created" => {

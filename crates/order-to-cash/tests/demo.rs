@@ -26,7 +26,10 @@ async fn two_hundred_orders_with_default_faults_keep_every_invariant() {
     assert!(report.failed > 0, "{report}");
     // The injected crashes and delayed replies really happened.
     assert!(report.injected.crashes > 0, "{report}");
-    assert!(report.injected.delays > 0 && report.timeouts > 0, "{report}");
+    assert!(
+        report.injected.delays > 0 && report.timeouts > 0,
+        "{report}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

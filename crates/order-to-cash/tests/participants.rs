@@ -14,8 +14,14 @@ use vextrus_order_to_cash::shipping::ShippingReply;
 use vextrus_order_to_cash::{Error, FaultConfig, Participant};
 
 async fn stocked(w: &World) {
-    w.inventory.receive(&key("po-a"), line("A", 10)).await.unwrap();
-    w.inventory.receive(&key("po-b"), line("B", 3)).await.unwrap();
+    w.inventory
+        .receive(&key("po-a"), line("A", 10))
+        .await
+        .unwrap();
+    w.inventory
+        .receive(&key("po-b"), line("B", 3))
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -45,7 +51,11 @@ async fn reserve_is_all_or_nothing_and_release_and_ship_move_stock() {
     // Duplicate SKUs add up.
     let reply = w
         .inventory
-        .reserve(&key("o2/r"), &order("o2"), vec![line("A", 2), line("A", 3), line("B", 1)])
+        .reserve(
+            &key("o2/r"),
+            &order("o2"),
+            vec![line("A", 2), line("A", 3), line("B", 1)],
+        )
         .await
         .unwrap();
     assert_eq!(
@@ -63,7 +73,11 @@ async fn reserve_is_all_or_nothing_and_release_and_ship_move_stock() {
     assert_eq!((a.on_hand, a.reserved, a.shipped), (5, 0, 5));
 
     // Release after shipping brings the goods back.
-    let reply = w.inventory.release(&key("o2/x"), &order("o2")).await.unwrap();
+    let reply = w
+        .inventory
+        .release(&key("o2/x"), &order("o2"))
+        .await
+        .unwrap();
     assert_eq!(
         reply,
         InventoryReply::Released {
@@ -85,7 +99,11 @@ async fn reserve_is_all_or_nothing_and_release_and_ship_move_stock() {
     assert!(w.inventory.ship(&key("o2/s2"), &order("o2")).await.is_err());
 
     // Releasing an order that never reserved is a harmless no-op.
-    let reply = w.inventory.release(&key("o9/x"), &order("o9")).await.unwrap();
+    let reply = w
+        .inventory
+        .release(&key("o9/x"), &order("o9"))
+        .await
+        .unwrap();
     assert_eq!(
         reply,
         InventoryReply::Released {
@@ -100,43 +118,109 @@ async fn same_key_twice_has_one_effect_and_the_identical_reply() {
     let w = world().await;
     stocked(&w).await;
     let k = key("saga-1/reserve/action");
-    let first = w.inventory.reserve(&k, &order("o1"), vec![line("A", 4)]).await.unwrap();
-    let second = w.inventory.reserve(&k, &order("o1"), vec![line("A", 4)]).await.unwrap();
+    let first = w
+        .inventory
+        .reserve(&k, &order("o1"), vec![line("A", 4)])
+        .await
+        .unwrap();
+    let second = w
+        .inventory
+        .reserve(&k, &order("o1"), vec![line("A", 4)])
+        .await
+        .unwrap();
     assert_eq!(first, second);
     let a = w.inventory.stock_level(&sku("A")).await.unwrap().unwrap();
     assert_eq!((a.on_hand, a.reserved), (6, 4));
 
     // A stored business failure is replayed too, even after stock arrives.
     let k2 = key("saga-2/reserve/action");
-    let refused = w.inventory.reserve(&k2, &order("o2"), vec![line("B", 9)]).await.unwrap();
+    let refused = w
+        .inventory
+        .reserve(&k2, &order("o2"), vec![line("B", 9)])
+        .await
+        .unwrap();
     assert!(matches!(refused, InventoryReply::OutOfStock { .. }));
-    w.inventory.receive(&key("po-b2"), line("B", 20)).await.unwrap();
-    let again = w.inventory.reserve(&k2, &order("o2"), vec![line("B", 9)]).await.unwrap();
+    w.inventory
+        .receive(&key("po-b2"), line("B", 20))
+        .await
+        .unwrap();
+    let again = w
+        .inventory
+        .reserve(&k2, &order("o2"), vec![line("B", 9)])
+        .await
+        .unwrap();
     assert_eq!(again, refused);
 
     // The same key for another request is refused, and changes nothing.
-    let err = w.inventory.reserve(&k, &order("o1"), vec![line("A", 5)]).await.unwrap_err();
-    assert!(matches!(err, Error::KeyReused { participant: "inventory", .. }), "{err}");
+    let err = w
+        .inventory
+        .reserve(&k, &order("o1"), vec![line("A", 5)])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::KeyReused {
+                participant: "inventory",
+                ..
+            }
+        ),
+        "{err}"
+    );
     assert_eq!(err.kind(), ErrorKind::Conflict);
     let a = w.inventory.stock_level(&sku("A")).await.unwrap().unwrap();
     assert_eq!((a.on_hand, a.reserved), (6, 4));
 
     // Payment, shipping and accounting honour keys the same way.
     let pk = key("saga-1/authorize/action");
-    let p1 = w.payment.authorize(&pk, &order("o1"), usd(500)).await.unwrap();
-    let p2 = w.payment.authorize(&pk, &order("o1"), usd(500)).await.unwrap();
+    let p1 = w
+        .payment
+        .authorize(&pk, &order("o1"), usd(500))
+        .await
+        .unwrap();
+    let p2 = w
+        .payment
+        .authorize(&pk, &order("o1"), usd(500))
+        .await
+        .unwrap();
     assert_eq!(p1, p2);
     let ck = key("saga-1/capture/action");
     let c1 = w.payment.capture(&ck, &order("o1")).await.unwrap();
     assert_eq!(w.payment.capture(&ck, &order("o1")).await.unwrap(), c1);
     let sk = key("saga-1/ship/action");
-    let s1 = w.shipping.create(&sk, &order("o1"), vec![line("A", 4)]).await.unwrap();
-    assert_eq!(w.shipping.create(&sk, &order("o1"), vec![line("A", 4)]).await.unwrap(), s1);
+    let s1 = w
+        .shipping
+        .create(&sk, &order("o1"), vec![line("A", 4)])
+        .await
+        .unwrap();
+    assert_eq!(
+        w.shipping
+            .create(&sk, &order("o1"), vec![line("A", 4)])
+            .await
+            .unwrap(),
+        s1
+    );
     assert_eq!(w.shipping.shipments().await.unwrap().len(), 1);
     let ik = key("saga-1/invoice/action");
-    let i1 = w.accounting.post_invoice(&ik, &order("o1"), usd(500)).await.unwrap();
-    assert_eq!(w.accounting.post_invoice(&ik, &order("o1"), usd(500)).await.unwrap(), i1);
-    assert_eq!(w.accounting.balance(Account::Receivable, Currency::USD).await.unwrap(), 500);
+    let i1 = w
+        .accounting
+        .post_invoice(&ik, &order("o1"), usd(500))
+        .await
+        .unwrap();
+    assert_eq!(
+        w.accounting
+            .post_invoice(&ik, &order("o1"), usd(500))
+            .await
+            .unwrap(),
+        i1
+    );
+    assert_eq!(
+        w.accounting
+            .balance(Account::Receivable, Currency::USD)
+            .await
+            .unwrap(),
+        500
+    );
     assert_eq!(w.accounting.idempotency_keys().await.unwrap(), 1);
 }
 
@@ -150,7 +234,10 @@ async fn concurrent_requests_with_one_key_run_once() {
         let w = w.clone();
         let k = k.clone();
         tasks.push(tokio::spawn(async move {
-            w.inventory.reserve(&k, &order("oc"), vec![line("A", 3)]).await.unwrap()
+            w.inventory
+                .reserve(&k, &order("oc"), vec![line("A", 3)])
+                .await
+                .unwrap()
         }));
     }
     let mut replies = Vec::new();
@@ -166,7 +253,11 @@ async fn concurrent_requests_with_one_key_run_once() {
 async fn payment_authorize_capture_void_refund_settle() {
     let w = world().await;
     let o = order("o1");
-    let auth = w.payment.authorize(&key("a"), &o, usd(1_000)).await.unwrap();
+    let auth = w
+        .payment
+        .authorize(&key("a"), &o, usd(1_000))
+        .await
+        .unwrap();
     let PaymentReply::Authorized { payment_id, amount } = auth else {
         panic!("{auth:?}")
     };
@@ -186,7 +277,10 @@ async fn payment_authorize_capture_void_refund_settle() {
 
     // Capture then refund; refunding with nothing captured is a no-op.
     let o2 = order("o2");
-    w.payment.authorize(&key("a2"), &o2, usd(250)).await.unwrap();
+    w.payment
+        .authorize(&key("a2"), &o2, usd(250))
+        .await
+        .unwrap();
     assert!(matches!(
         w.payment.capture(&key("c2"), &o2).await.unwrap(),
         PaymentReply::Captured { amount, .. } if amount == usd(250)
@@ -210,7 +304,11 @@ async fn payment_authorize_capture_void_refund_settle() {
     );
 
     // Capture without an authorization: not found.
-    let err = w.payment.capture(&key("c9"), &order("o9")).await.unwrap_err();
+    let err = w
+        .payment
+        .capture(&key("c9"), &order("o9"))
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::NotFound);
 
     // Settle.
@@ -225,13 +323,20 @@ async fn payment_authorize_capture_void_refund_settle() {
     // Above the limit: declined (a reply, not an error), nothing held.
     let big = usd(vextrus_order_to_cash::payment::Payment::AUTHORIZATION_LIMIT_MINOR + 1);
     assert!(matches!(
-        w.payment.authorize(&key("a4"), &order("o4"), big).await.unwrap(),
+        w.payment
+            .authorize(&key("a4"), &order("o4"), big)
+            .await
+            .unwrap(),
         PaymentReply::Declined { .. }
     ));
     assert!(w.payment.record(&order("o4")).await.unwrap().is_none());
     assert_eq!(w.payment.declines().await.unwrap(), 1);
     // Negative or zero amounts are invalid input.
-    let err = w.payment.authorize(&key("a5"), &order("o5"), usd(0)).await.unwrap_err();
+    let err = w
+        .payment
+        .authorize(&key("a5"), &order("o5"), usd(0))
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Validation);
 }
 
@@ -242,7 +347,11 @@ async fn shipping_create_cancel_and_refusal() {
         ..FaultConfig::none()
     }))
     .await;
-    let reply = w.shipping.create(&key("s1"), &order("o1"), vec![line("A", 1)]).await.unwrap();
+    let reply = w
+        .shipping
+        .create(&key("s1"), &order("o1"), vec![line("A", 1)])
+        .await
+        .unwrap();
     assert!(matches!(reply, ShippingReply::Refused { .. }));
     assert!(w.shipping.shipments().await.unwrap().is_empty());
     assert_eq!(
@@ -251,14 +360,20 @@ async fn shipping_create_cancel_and_refusal() {
     );
 
     let w = world().await;
-    let ShippingReply::Created { shipment_id } =
-        w.shipping.create(&key("s1"), &order("o1"), vec![line("A", 1)]).await.unwrap()
+    let ShippingReply::Created { shipment_id } = w
+        .shipping
+        .create(&key("s1"), &order("o1"), vec![line("A", 1)])
+        .await
+        .unwrap()
     else {
         panic!("not created")
     };
     // Another key for the same order finds the same shipment.
     assert_eq!(
-        w.shipping.create(&key("s1b"), &order("o1"), vec![line("A", 1)]).await.unwrap(),
+        w.shipping
+            .create(&key("s1b"), &order("o1"), vec![line("A", 1)])
+            .await
+            .unwrap(),
         ShippingReply::Created {
             shipment_id: shipment_id.clone()
         }
@@ -267,49 +382,102 @@ async fn shipping_create_cancel_and_refusal() {
         w.shipping.cancel(&key("x1"), &order("o1")).await.unwrap(),
         ShippingReply::Cancelled { cancelled: true }
     );
-    assert!(w.shipping.create(&key("s1c"), &order("o1"), vec![line("A", 1)]).await.is_err());
-    assert!(w.shipping.create(&key("s2"), &order("o2"), vec![]).await.is_err());
+    assert!(
+        w.shipping
+            .create(&key("s1c"), &order("o1"), vec![line("A", 1)])
+            .await
+            .is_err()
+    );
+    assert!(
+        w.shipping
+            .create(&key("s2"), &order("o2"), vec![])
+            .await
+            .is_err()
+    );
 }
 
 #[tokio::test]
 async fn ledger_balances_and_reversals_undo_invoices() {
     let w = world().await;
     let o = order("o1");
-    let AccountingReply::Invoiced { entry_id, .. } =
-        w.accounting.post_invoice(&key("i1"), &o, usd(1_234)).await.unwrap()
+    let AccountingReply::Invoiced { entry_id, .. } = w
+        .accounting
+        .post_invoice(&key("i1"), &o, usd(1_234))
+        .await
+        .unwrap()
     else {
         panic!()
     };
     // Another key for the same order: the same invoice, not a second one.
     assert_eq!(
-        w.accounting.post_invoice(&key("i1b"), &o, usd(1_234)).await.unwrap(),
+        w.accounting
+            .post_invoice(&key("i1b"), &o, usd(1_234))
+            .await
+            .unwrap(),
         AccountingReply::Invoiced {
             entry_id: entry_id.clone(),
             amount: usd(1_234)
         }
     );
-    assert!(w.accounting.post_invoice(&key("i1c"), &o, usd(1)).await.is_err());
+    assert!(
+        w.accounting
+            .post_invoice(&key("i1c"), &o, usd(1))
+            .await
+            .is_err()
+    );
     w.accounting
         .record_settlement(&key("st1"), &o, usd(1_234))
         .await
         .unwrap();
-    assert_eq!(w.accounting.balance(Account::Cash, Currency::USD).await.unwrap(), 1_234);
-    assert_eq!(w.accounting.balance(Account::Receivable, Currency::USD).await.unwrap(), 0);
+    assert_eq!(
+        w.accounting
+            .balance(Account::Cash, Currency::USD)
+            .await
+            .unwrap(),
+        1_234
+    );
+    assert_eq!(
+        w.accounting
+            .balance(Account::Receivable, Currency::USD)
+            .await
+            .unwrap(),
+        0
+    );
 
     let o2 = order("o2");
-    w.accounting.post_invoice(&key("i2"), &o2, usd(500)).await.unwrap();
-    let AccountingReply::Reversed { entry_id: Some(_) } =
-        w.accounting.reverse_invoice(&key("rv2"), &o2).await.unwrap()
+    w.accounting
+        .post_invoice(&key("i2"), &o2, usd(500))
+        .await
+        .unwrap();
+    let AccountingReply::Reversed { entry_id: Some(_) } = w
+        .accounting
+        .reverse_invoice(&key("rv2"), &o2)
+        .await
+        .unwrap()
     else {
         panic!()
     };
     // Reversing again, or reversing nothing, is a no-op.
     assert_eq!(
-        w.accounting.reverse_invoice(&key("rv2b"), &o2).await.unwrap(),
+        w.accounting
+            .reverse_invoice(&key("rv2b"), &o2)
+            .await
+            .unwrap(),
         AccountingReply::Reversed { entry_id: None }
     );
-    assert!(w.accounting.post_invoice(&key("i2b"), &o2, usd(500)).await.is_err());
-    assert_eq!(w.accounting.balance(Account::Revenue, Currency::USD).await.unwrap(), -1_234);
+    assert!(
+        w.accounting
+            .post_invoice(&key("i2b"), &o2, usd(500))
+            .await
+            .is_err()
+    );
+    assert_eq!(
+        w.accounting
+            .balance(Account::Revenue, Currency::USD)
+            .await
+            .unwrap(),
+        -1_234
+    );
 
     let lines = w.accounting.lines().await.unwrap();
     let debits: i64 = lines.iter().map(|l| l.debit_minor).sum();
@@ -325,7 +493,11 @@ async fn an_injected_crash_writes_nothing_and_a_redelivery_succeeds() {
         ..FaultConfig::none()
     }))
     .await;
-    let err = w.payment.authorize(&key("a"), &order("o1"), usd(10)).await.unwrap_err();
+    let err = w
+        .payment
+        .authorize(&key("a"), &order("o1"), usd(10))
+        .await
+        .unwrap_err();
     assert!(matches!(err, Error::InjectedCrash { .. }));
     assert_eq!(err.kind(), ErrorKind::Transient);
     assert!(w.payment.record(&order("o1")).await.unwrap().is_none());
@@ -357,9 +529,20 @@ async fn injected_business_failures_are_stored_replies() {
     }))
     .await;
     stocked(&w).await;
-    let reply = w.inventory.reserve(&key("r"), &order("o1"), vec![line("A", 1)]).await.unwrap();
-    assert!(matches!(reply, InventoryReply::OutOfStock { injected: true, .. }));
-    let reply = w.payment.authorize(&key("a"), &order("o1"), usd(10)).await.unwrap();
+    let reply = w
+        .inventory
+        .reserve(&key("r"), &order("o1"), vec![line("A", 1)])
+        .await
+        .unwrap();
+    assert!(matches!(
+        reply,
+        InventoryReply::OutOfStock { injected: true, .. }
+    ));
+    let reply = w
+        .payment
+        .authorize(&key("a"), &order("o1"), usd(10))
+        .await
+        .unwrap();
     assert!(matches!(reply, PaymentReply::Declined { .. }));
     assert_eq!(w.inventory.idempotency_keys().await.unwrap(), 3);
 }
@@ -373,11 +556,17 @@ async fn delayed_replies_still_commit_first() {
     }))
     .await;
     let started = std::time::Instant::now();
-    w.shipping.create(&key("s"), &order("o1"), vec![line("A", 1)]).await.unwrap();
+    w.shipping
+        .create(&key("s"), &order("o1"), vec![line("A", 1)])
+        .await
+        .unwrap();
     assert!(started.elapsed() >= std::time::Duration::from_millis(50));
     // Only the first reply is held.
     let started = std::time::Instant::now();
-    w.shipping.create(&key("s"), &order("o1"), vec![line("A", 1)]).await.unwrap();
+    w.shipping
+        .create(&key("s"), &order("o1"), vec![line("A", 1)])
+        .await
+        .unwrap();
     assert!(started.elapsed() < std::time::Duration::from_millis(50));
     assert_eq!(w.shipping.shipments().await.unwrap().len(), 1);
 }

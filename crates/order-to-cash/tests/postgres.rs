@@ -61,20 +61,37 @@ async fn participants_run_on_postgres() {
         shipping.migrate(),
         accounting.migrate()
     );
-    assert_eq!((a.unwrap(), b.unwrap(), c.unwrap(), d.unwrap()), (1, 1, 1, 1));
+    assert_eq!(
+        (a.unwrap(), b.unwrap(), c.unwrap(), d.unwrap()),
+        (1, 1, 1, 1)
+    );
     assert_eq!(inventory.migrate().await.unwrap(), 0);
 
     inventory.receive(&key("po"), line("A", 5)).await.unwrap();
     inventory.receive(&key("po2"), line("A", 5)).await.unwrap();
     let o = order("o1");
-    let reply = inventory.reserve(&key("r"), &o, vec![line("A", 4)]).await.unwrap();
-    assert_eq!(reply, InventoryReply::Reserved { lines: vec![line("A", 4)] });
+    let reply = inventory
+        .reserve(&key("r"), &o, vec![line("A", 4)])
+        .await
+        .unwrap();
     assert_eq!(
-        inventory.reserve(&key("r"), &o, vec![line("A", 4)]).await.unwrap(),
+        reply,
+        InventoryReply::Reserved {
+            lines: vec![line("A", 4)]
+        }
+    );
+    assert_eq!(
+        inventory
+            .reserve(&key("r"), &o, vec![line("A", 4)])
+            .await
+            .unwrap(),
         reply
     );
     assert!(matches!(
-        inventory.reserve(&key("r2"), &order("o2"), vec![line("A", 7)]).await.unwrap(),
+        inventory
+            .reserve(&key("r2"), &order("o2"), vec![line("A", 7)])
+            .await
+            .unwrap(),
         InventoryReply::OutOfStock { .. }
     ));
     inventory.ship(&key("s"), &o).await.unwrap();
@@ -89,12 +106,30 @@ async fn participants_run_on_postgres() {
         PaymentReply::Authorized { .. }
     ));
     payment.capture(&key("c"), &o).await.unwrap();
-    shipping.create(&key("sh"), &o, vec![line("A", 4)]).await.unwrap();
-    accounting.post_invoice(&key("i"), &o, usd(300)).await.unwrap();
-    assert_eq!(accounting.balance(Account::Receivable, Currency::USD).await.unwrap(), 300);
+    shipping
+        .create(&key("sh"), &o, vec![line("A", 4)])
+        .await
+        .unwrap();
+    accounting
+        .post_invoice(&key("i"), &o, usd(300))
+        .await
+        .unwrap();
+    assert_eq!(
+        accounting
+            .balance(Account::Receivable, Currency::USD)
+            .await
+            .unwrap(),
+        300
+    );
     accounting.reverse_invoice(&key("ri"), &o).await.unwrap();
     payment.refund(&key("rf"), &o).await.unwrap();
-    assert_eq!(accounting.balance(Account::Receivable, Currency::USD).await.unwrap(), 0);
+    assert_eq!(
+        accounting
+            .balance(Account::Receivable, Currency::USD)
+            .await
+            .unwrap(),
+        0
+    );
     assert_eq!(payment.record(&o).await.unwrap().unwrap().state, "refunded");
     assert!(matches!(
         payment.authorize(&key("a"), &o, usd(301)).await,
@@ -107,14 +142,20 @@ async fn participants_run_on_postgres() {
 #[tokio::test]
 async fn concurrent_requests_with_one_key_run_once_on_postgres() {
     let (db, name) = fresh_database().await;
-    let inventory = Arc::new(Inventory::new(db.clone(), Arc::new(FaultInjector::disabled())));
+    let inventory = Arc::new(Inventory::new(
+        db.clone(),
+        Arc::new(FaultInjector::disabled()),
+    ));
     inventory.migrate().await.unwrap();
     inventory.receive(&key("po"), line("A", 100)).await.unwrap();
     let mut tasks = Vec::new();
     for _ in 0..20 {
         let inventory = inventory.clone();
         tasks.push(tokio::spawn(async move {
-            inventory.reserve(&key("same"), &order("o1"), vec![line("A", 3)]).await.unwrap()
+            inventory
+                .reserve(&key("same"), &order("o1"), vec![line("A", 3)])
+                .await
+                .unwrap()
         }));
     }
     let mut replies = Vec::new();

@@ -1,7 +1,9 @@
 //! The Order aggregate through EventSourcedRepository on SQLite.
 
 use vextrus_core::{EventReader, StreamId};
-use vextrus_kernel::{AggregateId, CommandContext, Currency, ErrorKind, HasErrorKind, Money, Quantity, Sku};
+use vextrus_kernel::{
+    AggregateId, CommandContext, Currency, ErrorKind, HasErrorKind, Money, Quantity, Sku,
+};
 use vextrus_order_to_cash::Error;
 use vextrus_order_to_cash::sales::{OrderCommand, OrderError, OrderLine, OrderStatus, Sales};
 use vextrus_sqlite::SqliteEventStore;
@@ -30,15 +32,28 @@ async fn an_order_goes_through_every_step_and_survives_a_reload() {
     let ctx = CommandContext::new();
     let bdt = |m| Money::from_minor(m, Currency::BDT);
     sales
-        .execute(&id, place(vec![line("A", 2, bdt(1_050)), line("B", 1, bdt(99))]), &ctx)
+        .execute(
+            &id,
+            place(vec![line("A", 2, bdt(1_050)), line("B", 1, bdt(99))]),
+            &ctx,
+        )
         .await
         .unwrap();
-    let root = sales.execute(&id, OrderCommand::Validate, &ctx).await.unwrap();
+    let root = sales
+        .execute(&id, OrderCommand::Validate, &ctx)
+        .await
+        .unwrap();
     assert_eq!(root.state().total().unwrap(), bdt(2_199));
 
     // Out of order: refused, nothing written.
-    let err = sales.execute(&id, OrderCommand::MarkCaptured, &ctx).await.unwrap_err();
-    assert!(matches!(err, Error::Order(OrderError::IllegalTransition { .. })));
+    let err = sales
+        .execute(&id, OrderCommand::MarkCaptured, &ctx)
+        .await
+        .unwrap_err();
+    assert!(matches!(
+        err,
+        Error::Order(OrderError::IllegalTransition { .. })
+    ));
     assert_eq!(err.kind(), ErrorKind::Validation);
 
     let root = sales
@@ -46,10 +61,16 @@ async fn an_order_goes_through_every_step_and_survives_a_reload() {
             &id,
             vec![
                 OrderCommand::MarkReserved,
-                OrderCommand::MarkAuthorized { payment_id: "pay-1".into() },
-                OrderCommand::MarkShipped { shipment_id: "shp-1".into() },
+                OrderCommand::MarkAuthorized {
+                    payment_id: "pay-1".into(),
+                },
+                OrderCommand::MarkShipped {
+                    shipment_id: "shp-1".into(),
+                },
                 OrderCommand::MarkCaptured,
-                OrderCommand::MarkInvoiced { entry_id: "je-1".into() },
+                OrderCommand::MarkInvoiced {
+                    entry_id: "je-1".into(),
+                },
                 OrderCommand::Complete,
             ],
             &ctx,
@@ -60,9 +81,29 @@ async fn an_order_goes_through_every_step_and_survives_a_reload() {
     assert_eq!(root.version(), 8);
 
     // Redelivered steps change nothing; a completed order cannot be cancelled.
-    let again = sales.execute(&id, OrderCommand::MarkShipped { shipment_id: "shp-1".into() }, &ctx).await.unwrap();
+    let again = sales
+        .execute(
+            &id,
+            OrderCommand::MarkShipped {
+                shipment_id: "shp-1".into(),
+            },
+            &ctx,
+        )
+        .await
+        .unwrap();
     assert_eq!(again.version(), 8);
-    assert!(sales.execute(&id, OrderCommand::Cancel { reason: "late".into() }, &ctx).await.is_err());
+    assert!(
+        sales
+            .execute(
+                &id,
+                OrderCommand::Cancel {
+                    reason: "late".into()
+                },
+                &ctx
+            )
+            .await
+            .is_err()
+    );
 
     let stream = StreamId::new("order-o-1").unwrap();
     assert_eq!(store.stream_version(&stream).await.unwrap(), Some(8));
@@ -79,34 +120,77 @@ async fn validation_rejects_broken_orders_and_cancel_is_final() {
     let ctx = CommandContext::new();
     let cases = [
         ("empty", vec![]),
-        ("mixed", vec![line("A", 1, Money::from_minor(100, Currency::USD))]),
-        ("zero", vec![line("A", 0, Money::from_minor(100, Currency::BDT))]),
-        ("free", vec![line("A", 1, Money::from_minor(0, Currency::BDT))]),
-        ("huge", vec![line("A", 1, Money::from_major(2_000_000, Currency::BDT))]),
+        (
+            "mixed",
+            vec![line("A", 1, Money::from_minor(100, Currency::USD))],
+        ),
+        (
+            "zero",
+            vec![line("A", 0, Money::from_minor(100, Currency::BDT))],
+        ),
+        (
+            "free",
+            vec![line("A", 1, Money::from_minor(0, Currency::BDT))],
+        ),
+        (
+            "huge",
+            vec![line("A", 1, Money::from_major(2_000_000, Currency::BDT))],
+        ),
     ];
     for (name, lines) in cases {
         let id = AggregateId::new(name).unwrap();
         sales.execute(&id, place(lines), &ctx).await.unwrap();
-        let err = sales.execute(&id, OrderCommand::Validate, &ctx).await.unwrap_err();
-        assert!(matches!(err, Error::Order(OrderError::Rejected(_))), "{name}: {err}");
+        let err = sales
+            .execute(&id, OrderCommand::Validate, &ctx)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, Error::Order(OrderError::Rejected(_))),
+            "{name}: {err}"
+        );
         let root = sales
-            .execute(&id, OrderCommand::Cancel { reason: "rejected".into() }, &ctx)
+            .execute(
+                &id,
+                OrderCommand::Cancel {
+                    reason: "rejected".into(),
+                },
+                &ctx,
+            )
             .await
             .unwrap();
         assert_eq!(root.state().status, OrderStatus::Cancelled);
         assert_eq!(root.state().cancelled_from, Some(OrderStatus::Placed));
-        assert!(sales.execute(&id, OrderCommand::Validate, &ctx).await.is_err());
+        assert!(
+            sales
+                .execute(&id, OrderCommand::Validate, &ctx)
+                .await
+                .is_err()
+        );
     }
     // Commands on an unknown order: not found.
     let err = sales
-        .execute(&AggregateId::new("nope").unwrap(), OrderCommand::Validate, &ctx)
+        .execute(
+            &AggregateId::new("nope").unwrap(),
+            OrderCommand::Validate,
+            &ctx,
+        )
         .await
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::NotFound);
     // Placing the same order twice is harmless; placing another under its id is refused.
     let id = AggregateId::new("twice").unwrap();
     let lines = vec![line("A", 1, Money::from_minor(100, Currency::BDT))];
-    sales.execute(&id, place(lines.clone()), &ctx).await.unwrap();
-    assert_eq!(sales.execute(&id, place(lines), &ctx).await.unwrap().version(), 1);
+    sales
+        .execute(&id, place(lines.clone()), &ctx)
+        .await
+        .unwrap();
+    assert_eq!(
+        sales
+            .execute(&id, place(lines), &ctx)
+            .await
+            .unwrap()
+            .version(),
+        1
+    );
     assert!(sales.execute(&id, place(vec![]), &ctx).await.is_err());
 }
