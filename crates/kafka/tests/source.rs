@@ -30,7 +30,11 @@ async fn publish_all(transport: &KafkaTransport, messages: &[OutboundMessage]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offsets_are_committed_only_by_acks() {
     let topic = topic("acks", 1).await;
-    let transport = KafkaTransport::new(config()).unwrap();
+    // One record per batch: tansu 0.6.0 returns nothing for a fetch that
+    // starts inside a stored record batch (Kafka returns the batch and the
+    // client skips the records before the offset), so a member resuming at
+    // a committed offset in the middle of a batch would wait forever.
+    let transport = KafkaTransport::new(config().with_property("batch.num.messages", "1")).unwrap();
     let messages: Vec<_> = (0..3)
         .map(|i| message(&topic, "k", &i.to_string()))
         .collect();
