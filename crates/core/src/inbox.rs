@@ -2,7 +2,7 @@
 //! redeliveries and crashes.
 //!
 //! [`InboxConsumer`] takes a delivery from a
-//! [`MessageSource`](crate::transport::MessageSource), checks its headers,
+//! [`MessageSource`], checks its headers,
 //! and, in one [`UnitOfWork`] transaction, records `(consumer, message id)`
 //! and runs the [`InboxHandler`]. It acknowledges only after the commit. A
 //! redelivered message finds its inbox entry and is acknowledged without a

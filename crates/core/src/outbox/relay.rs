@@ -158,6 +158,13 @@ pub struct BatchReport {
 /// [`ErrorKind::Validation`] (too large, bad headers) dead-letters at once,
 /// others after [`RelayConfig::max_attempts`].
 ///
+/// Circuit breaker: one batch is one call; it counts as a failure when it
+/// had transient failures and no confirmation at all (the broker looks
+/// down). While the breaker is open, claimed batches are released without
+/// spending attempts (only the breaker's trial batches spend them), so an
+/// outage does not turn the backlog into dead letters; the workers sleep
+/// for the breaker's open wait (at most the poll interval) between tries.
+///
 /// ```
 /// use vextrus_core::outbox::{DeadLetters, InMemoryOutbox, OutboxRelay, OutboxStore, RelayConfig};
 /// use vextrus_core::transport::{InProcessTransport, OutboundMessage};
@@ -275,8 +282,11 @@ where
         }
         let mut blocked: HashSet<&str> = HashSet::new();
         let mut released = Vec::new();
-        // Only transient failures (the broker is down or slow) count against
-        // the breaker; a rejection of one message says nothing of the broker.
+        // The batch counts against the breaker only when the broker looks
+        // down: transient failures and not one confirmation. A rejection of
+        // one message, or a few flaky publishes among confirmed ones, say
+        // nothing of the broker (counting them would open the breaker at a
+        // 2% failure rate, since nearly every large batch has one).
         let mut transient = false;
         let missing =
             TransportError::Other("the transport returned fewer results than messages".into());
@@ -347,7 +357,7 @@ where
             inner.store.release(worker, &released).await?;
             report.released = released.len();
         }
-        if transient {
+        if transient && report.published == 0 {
             permit.record_error_kind(ErrorKind::Transient);
         } else {
             permit.record_success();
