@@ -8,8 +8,8 @@ use vextrus_core::transport::{
 };
 use vextrus_core::unit_of_work::UnitOfWork;
 use vextrus_core::{EventReader, StreamId};
-use vextrus_testkit::inbox::{self as inbox_suite, InboxBackend};
-use vextrus_testkit::outbox::{self as outbox_suite, OutboxBackend};
+use vextrus_testkit::inbox::InboxBackend;
+use vextrus_testkit::outbox::OutboxBackend;
 use vextrus_testkit::transport::{self as transport_suite, TransportBackend};
 
 struct Memory;
@@ -85,24 +85,11 @@ macro_rules! cases {
     };
 }
 
+/// The outbox suite; the per-key order case at full size: 3 relay workers,
+/// 50 keys, 20k messages.
 mod outbox {
     use super::*;
-    cases!(outbox_suite, Memory;
-        enqueue_claim_publish,
-        bad_messages_are_rejected,
-        failure_backoff_and_dead_letter,
-        dead_letter_policy_skip_or_block,
-        replay_keeps_id_and_discard,
-        retention_purges_only_old_published,
-        lease_expiry_hands_over,
-        relay_retries_and_dead_letters,
-        unit_of_work_rollback_leaves_nothing,
-    );
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-    async fn per_key_order_3_workers_50_keys_20k_messages() {
-        outbox_suite::per_key_order_with_concurrent_workers(&Memory, 3, 50, 20_000).await;
-    }
+    vextrus_testkit::outbox_conformance!(Memory, 20_000);
 }
 
 mod transport {
@@ -118,26 +105,7 @@ mod transport {
 
 mod inbox {
     use super::*;
-
-    #[tokio::test]
-    async fn duplicate_delivery_has_one_effect() {
-        inbox_suite::duplicate_delivery_has_one_effect(Memory).await;
-    }
-
-    #[tokio::test]
-    async fn failed_handler_rolls_back_then_succeeds() {
-        inbox_suite::failed_handler_rolls_back_then_succeeds(Memory).await;
-    }
-
-    #[tokio::test]
-    async fn failing_message_is_dead_lettered_after_n() {
-        inbox_suite::failing_message_is_dead_lettered_after_n(Memory).await;
-    }
-
-    #[tokio::test]
-    async fn malformed_message_is_dead_lettered() {
-        inbox_suite::malformed_message_is_dead_lettered(Memory).await;
-    }
+    vextrus_testkit::inbox_conformance!(Memory);
 }
 
 /// End to end: units of work commit events and messages; the relay

@@ -262,3 +262,29 @@ pub async fn malformed_message_is_dead_lettered<B: InboxBackend>(backend: B) {
         "acknowledged: no redelivery"
     );
 }
+
+/// Expands to one `#[tokio::test]` per inbox conformance case, each
+/// running against the given [`InboxBackend`] expression.
+///
+/// ```ignore
+/// vextrus_testkit::inbox_conformance!(MyBackend::new());
+/// ```
+#[macro_export]
+macro_rules! inbox_conformance {
+    ($backend:expr) => {
+        $crate::inbox_conformance!(@cases $backend;
+            duplicate_delivery_has_one_effect,
+            failed_handler_rolls_back_then_succeeds,
+            failing_message_is_dead_lettered_after_n,
+            malformed_message_is_dead_lettered,
+        );
+    };
+    (@cases $backend:expr; $($case:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $case() {
+                $crate::inbox::$case($backend).await;
+            }
+        )*
+    };
+}

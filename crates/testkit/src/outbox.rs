@@ -576,3 +576,43 @@ pub async fn unit_of_work_rollback_leaves_nothing<B: OutboxBackend>(backend: &B)
         InboxRecord::New
     );
 }
+
+/// Expands to one `#[tokio::test]` per outbox conformance case, each
+/// running against the given [`OutboxBackend`] expression; the per-key
+/// order case runs 3 workers, 50 keys and the given number of messages.
+///
+/// ```ignore
+/// vextrus_testkit::outbox_conformance!(MyBackend::new(), 20_000);
+/// ```
+#[macro_export]
+macro_rules! outbox_conformance {
+    ($backend:expr, $order_messages:expr) => {
+        $crate::outbox_conformance!(@cases $backend;
+            enqueue_claim_publish,
+            bad_messages_are_rejected,
+            failure_backoff_and_dead_letter,
+            dead_letter_policy_skip_or_block,
+            replay_keeps_id_and_discard,
+            retention_purges_only_old_published,
+            lease_expiry_hands_over,
+            relay_retries_and_dead_letters,
+            unit_of_work_rollback_leaves_nothing,
+        );
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+        async fn per_key_order_with_concurrent_workers() {
+            let backend = $backend;
+            $crate::outbox::per_key_order_with_concurrent_workers(&backend, 3, 50, $order_messages)
+                .await;
+        }
+    };
+    (@cases $backend:expr; $($case:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $case() {
+                let backend = $backend;
+                $crate::outbox::$case(&backend).await;
+            }
+        )*
+    };
+}
