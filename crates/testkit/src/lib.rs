@@ -17,9 +17,6 @@ pub mod event_store;
 pub mod inbox;
 pub mod outbox;
 pub mod transport;
-pub mod inbox;
-pub mod outbox;
-pub mod transport;
 pub mod saga;
 
 pub use event_store::EventStoreBackend;
