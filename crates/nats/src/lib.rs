@@ -19,6 +19,15 @@
 //! The duplicate window is a convenience: a relay paused longer than it
 //! publishes a true duplicate, so exactly-once effects come from the inbox.
 //!
+//! # Testing
+//!
+//! The integration tests need NATS with JetStream at
+//! `VEXTRUS_TEST_NATS_URL` (default `nats://127.0.0.1:4222`) and fail when
+//! it is missing; each test makes its own stream and deletes it. The outage
+//! test starts a `nats-server` of its own (`/usr/sbin/nats-server`, or
+//! `VEXTRUS_NATS_SERVER`) on a free port. `cargo bench -p vextrus-nats
+//! --bench relay` compares the relay's throughput with the raw client's.
+//!
 //! Errors are one enum, [`NatsError`], whose
 //! [`kind`](vextrus_kernel::HasErrorKind::kind) tells transient failures
 //! (retry) from bad input (dead letter).
