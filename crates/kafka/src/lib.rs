@@ -19,6 +19,33 @@
 //!   [`ConsumerSpec`] the consumer group; [`create_topic`] makes a topic
 //!   (the producer never auto-creates one).
 //!
+//! [`KafkaTransport`] implements [`vextrus_core::transport::Transport`] and
+//! [`KafkaSource`] implements [`vextrus_core::transport::MessageSource`], so
+//! the core's `OutboxRelay` and `InboxConsumer` run on Kafka unchanged.
+//!
+//! # Errors and retries
+//!
+//! | failure | [`KafkaError`] | kind | relay does |
+//! |---|---|---|---|
+//! | broker down, connection lost, no leader | `Unavailable` | transient | retry with backoff |
+//! | no delivery report in time | `Timeout` | transient | retry (same id; the inbox absorbs a copy) |
+//! | topic missing | `UnknownDestination` | not found | dead letter |
+//! | illegal topic name | `InvalidTopic` | validation | dead letter |
+//! | key + payload + headers over `message.max.bytes` | `MessageTooLarge` | validation | dead letter |
+//! | `ce_id` disagreeing with the id, empty header name | `InvalidHeaders` | validation | dead letter |
+//! | any other broker refusal | `Rejected` | fatal | dead letter |
+//!
+//! # The test broker
+//!
+//! `scripts/kafka.sh` installs and starts tansu 0.6.0, a Kafka-compatible
+//! broker written in Rust. One difference from Apache Kafka matters here:
+//! tansu returns no records for a fetch that starts inside a stored record
+//! batch (Kafka returns the whole batch and the client skips the records
+//! before the offset). A consumer that resumes from a committed offset, or
+//! seeks back for a nack, in the middle of a batch then waits. The tests
+//! that restart a group member publish one record per batch
+//! (`batch.num.messages=1`); on Apache Kafka no such setting is needed.
+//!
 //! librdkafka is built from source (rdkafka's `cmake-build`): the crate is
 //! the feature boundary, so applications that do not speak Kafka do not
 //! depend on it. A local Kafka-protocol broker for the tests is started by
