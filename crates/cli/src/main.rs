@@ -9,6 +9,7 @@
 //! code that says their kind (see [`exit`]).
 
 mod backend;
+mod demo;
 mod events;
 mod exit;
 
@@ -35,6 +36,10 @@ enum Command {
     },
     /// Append, read and follow events.
     Events(events::EventsArgs),
+    /// Run the order-to-cash reference system: place orders with injected
+    /// failures, drive every saga to a terminal state, report, and check the
+    /// business invariants (exit code 1 if any fails).
+    Demo(demo::DemoArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -58,6 +63,7 @@ fn main() -> std::process::ExitCode {
                 Ok(())
             }
             Command::Events(args) => events::run(args).await,
+            Command::Demo(args) => demo::run(args).await,
         }
     });
     match result {
