@@ -16,8 +16,8 @@
 pub mod event_store;
 pub mod inbox;
 pub mod outbox;
-pub mod transport;
 pub mod saga;
+pub mod transport;
 
 pub use event_store::EventStoreBackend;
 pub use saga::SagaStoreBackend;
