@@ -24,10 +24,21 @@
 //!   stored in, and write their read model through it.
 //! - **Subscriptions** poll (and are woken at once by appends made through
 //!   the same store in this process).
+//! - **Outbox and inbox**: [`SqliteOutbox`] implements every outbox trait
+//!   of `vextrus-core` (claims with leases and per-key order in `BEGIN
+//!   IMMEDIATE` transactions, judged by the database clock; dead letters,
+//!   replay, discard, retention, status), the inbox store, and the unit of
+//!   work ([`SqliteUnitOfWorkTx`]): events, outbox messages, inbox entries
+//!   and the service's own SQL commit together or not at all.
 //! - **Migrations** are versioned `.sql` files applied by
 //!   [`SqliteEventStore::migrate`]; applying them twice is harmless.
 
+mod inbox;
 pub mod migrate;
+mod outbox;
 mod store;
+mod unit_of_work;
 
+pub use outbox::{OUTBOX_MIGRATION, SqliteOutbox};
 pub use store::SqliteEventStore;
+pub use unit_of_work::SqliteUnitOfWorkTx;
