@@ -23,7 +23,9 @@ use vextrus_core::saga::{
     SagaState as EngineState, SagaStore,
 };
 use vextrus_core::transport::InProcessTransport;
+use vextrus_core::{EventAppender, EventReader, SnapshotStore};
 use vextrus_kernel::{AggregateId, CommandContext, Currency, HasErrorKind, Money, Quantity, Sku};
+use vextrus_postgres::PgEventStore;
 use vextrus_sqlite::SqliteEventStore;
 
 use crate::accounting::Accounting;
@@ -50,8 +52,12 @@ pub struct DemoConfig {
     /// Failure rates.
     pub faults: FaultConfig,
     /// Where the SQLite files go; `None`: a temporary directory, deleted
-    /// after the run.
+    /// after the run. Ignored when `database_url` is set.
     pub data_dir: Option<PathBuf>,
+    /// A `postgres://` URL: Sales' event store and every participant's
+    /// tables go to this database instead of SQLite files. (The saga store
+    /// stays in the orchestrator's process until a SQL saga store exists.)
+    pub database_url: Option<String>,
     /// How many sagas run at once.
     pub concurrency: usize,
     /// How many SKUs the catalogue has.
@@ -81,6 +87,7 @@ impl Default for DemoConfig {
             seed: 42,
             faults: FaultConfig::default(),
             data_dir: None,
+            database_url: None,
             concurrency: 64,
             skus: 20,
             initial_stock: 1_000,
@@ -249,15 +256,47 @@ fn unreachable_sku() -> Sku {
 }
 
 /// The participants and their stores.
-struct System {
-    sales: Arc<Sales<SqliteEventStore>>,
+struct System<S> {
+    sales: Arc<Sales<S>>,
     inventory: Arc<Inventory>,
     payment: Arc<Payment>,
     shipping: Arc<Shipping>,
     accounting: Arc<Accounting>,
 }
 
-async fn build(dir: &std::path::Path, faults: Arc<FaultInjector>) -> Result<System> {
+fn store_error(e: vextrus_core::EventStoreError) -> Error {
+    Error::Repository(vextrus_kernel::RepositoryError::storage(e))
+}
+
+impl<S> System<S> {
+    async fn migrate(&self) -> Result<()> {
+        self.inventory.migrate().await?;
+        self.payment.migrate().await?;
+        self.shipping.migrate().await?;
+        self.accounting.migrate().await?;
+        Ok(())
+    }
+}
+
+async fn build_postgres(url: &str, faults: Arc<FaultInjector>) -> Result<System<PgEventStore>> {
+    let store = PgEventStore::connect(url).await.map_err(store_error)?;
+    store.migrate().await.map_err(store_error)?;
+    let db = Database::connect_with(url, Durability::Full, 16).await?;
+    let system = System {
+        sales: Arc::new(Sales::new(store)),
+        inventory: Arc::new(Inventory::new(db.clone(), faults.clone())),
+        payment: Arc::new(Payment::new(db.clone(), faults.clone())),
+        shipping: Arc::new(Shipping::new(db.clone(), faults.clone())),
+        accounting: Arc::new(Accounting::new(db, faults)),
+    };
+    system.migrate().await?;
+    Ok(system)
+}
+
+async fn build_sqlite(
+    dir: &std::path::Path,
+    faults: Arc<FaultInjector>,
+) -> Result<System<SqliteEventStore>> {
     let db = |name: &str| dir.join(format!("{name}.db"));
     let options = SqliteConnectOptions::new()
         .filename(db("sales"))
@@ -267,11 +306,8 @@ async fn build(dir: &std::path::Path, faults: Arc<FaultInjector>) -> Result<Syst
         8,
     )
     .await
-    .map_err(|e| Error::Repository(vextrus_kernel::RepositoryError::storage(e)))?;
-    store
-        .migrate()
-        .await
-        .map_err(|e| Error::Repository(vextrus_kernel::RepositoryError::storage(e)))?;
+    .map_err(store_error)?;
+    store.migrate().await.map_err(store_error)?;
     let open = |name: &'static str| {
         let path = db(name);
         async move { Database::sqlite_file(&path, Durability::Normal).await }
@@ -283,10 +319,7 @@ async fn build(dir: &std::path::Path, faults: Arc<FaultInjector>) -> Result<Syst
         shipping: Arc::new(Shipping::new(open("shipping").await?, faults.clone())),
         accounting: Arc::new(Accounting::new(open("accounting").await?, faults)),
     };
-    system.inventory.migrate().await?;
-    system.payment.migrate().await?;
-    system.shipping.migrate().await?;
-    system.accounting.migrate().await?;
+    system.migrate().await?;
     Ok(system)
 }
 
@@ -328,6 +361,15 @@ pub async fn run_demo(config: DemoConfig, progress: Option<ProgressFn>) -> Resul
             "skus, concurrency and workers must be at least 1",
         ));
     }
+    let mut injector = FaultInjector::new(config.seed, config.faults);
+    for command_type in &config.forced_failures {
+        injector = injector.force_failure(command_type.clone());
+    }
+    let faults = Arc::new(injector);
+    if let Some(url) = &config.database_url {
+        let system = build_postgres(url, faults.clone()).await?;
+        return drive(config, system, faults, progress).await;
+    }
     let temp;
     let dir = match &config.data_dir {
         Some(d) => {
@@ -345,12 +387,32 @@ pub async fn run_demo(config: DemoConfig, progress: Option<ProgressFn>) -> Resul
             temp.path().to_path_buf()
         }
     };
-    let mut injector = FaultInjector::new(config.seed, config.faults);
-    for command_type in &config.forced_failures {
-        injector = injector.force_failure(command_type.clone());
+    let system = build_sqlite(&dir, faults.clone()).await?;
+    drive(config, system, faults, progress).await
+}
+
+async fn drive<S>(
+    config: DemoConfig,
+    system: System<S>,
+    faults: Arc<FaultInjector>,
+    progress: Option<ProgressFn>,
+) -> Result<DemoReport>
+where
+    S: EventAppender + EventReader + SnapshotStore + Send + Sync + 'static,
+{
+    // Order ids are derived from the seed, so a store that already holds
+    // this seed's orders cannot be reused: say so instead of mixing runs.
+    let first = AggregateId::new(format!("order-{}-{:06}", config.seed, 0))
+        .map_err(|e| Error::invalid("order id", e.to_string()))?;
+    if system.sales.load(&first).await?.is_some() {
+        return Err(Error::invalid(
+            "database",
+            format!(
+                "it already holds the orders of seed {}: use a fresh database or data directory, or another seed",
+                config.seed
+            ),
+        ));
     }
-    let faults = Arc::new(injector);
-    let system = build(&dir, faults.clone()).await?;
 
     // Stock every SKU (keys make a re-run on the same files harmless).
     for i in 0..config.skus {

@@ -168,3 +168,27 @@ async fn concurrent_requests_with_one_key_run_once_on_postgres() {
     drop(inventory);
     drop_database(db, &name).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_runs_on_postgres_and_keeps_every_invariant() {
+    let (db, name) = fresh_database().await;
+    let config = vextrus_order_to_cash::demo::DemoConfig {
+        orders: 60,
+        seed: 5,
+        database_url: Some(format!("postgres://postgres@127.0.0.1:5432/{name}")),
+        ..Default::default()
+    };
+    let report = vextrus_order_to_cash::demo::run_demo(config.clone(), None)
+        .await
+        .unwrap();
+    assert!(report.passed(), "{report}");
+    assert_eq!(report.not_terminal, 0, "{report}");
+    assert_eq!(report.completed + report.compensated + report.failed, 60);
+    assert!(report.completed > 0 && report.compensated > 0, "{report}");
+    // The same seed on the same database is refused, not mixed in.
+    let err = vextrus_order_to_cash::demo::run_demo(config, None)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("seed 5"), "{err}");
+    drop_database(db, &name).await;
+}
