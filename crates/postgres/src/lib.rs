@@ -62,9 +62,13 @@
 //! it.
 
 mod error;
+mod inbox;
 mod migrate;
+mod outbox;
 mod projection;
 mod store;
+mod unit_of_work;
 
 pub use migrate::{MIGRATIONS, Migration};
+pub use outbox::{OUTBOX_MIGRATION, OUTBOX_NOTIFY_CHANNEL, PgOutbox};
 pub use store::{NOTIFY_CHANNEL, NotifyMode, PgEventStore, PgStoreConfig};
