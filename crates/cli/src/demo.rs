@@ -26,7 +26,8 @@ pub(crate) struct DemoArgs {
     /// Share of payments the payment service declines (0..=1).
     #[arg(long)]
     decline_rate: Option<f64>,
-    /// Share of orders asking for more than is in stock.
+    /// Share of reservations the inventory service reports out of stock
+    /// (real shortages still happen when stock runs out).
     #[arg(long)]
     out_of_stock_rate: Option<f64>,
     /// Share of shipments the shipping service refuses.
@@ -53,6 +54,11 @@ pub(crate) struct DemoArgs {
     /// Keep the participants' SQLite files here (default: a temporary directory).
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// Run Sales and every participant on this PostgreSQL database
+    /// (`postgres://...`) instead of SQLite files. The saga store stays in the
+    /// orchestrator's process for now.
+    #[arg(long)]
+    database_url: Option<String>,
     /// Give up waiting for terminal sagas after this many seconds.
     #[arg(long, default_value_t = 300)]
     deadline_secs: u64,
@@ -98,6 +104,7 @@ impl DemoArgs {
             seed: self.seed,
             faults,
             data_dir: self.data_dir.clone(),
+            database_url: self.database_url.clone(),
             concurrency: self.concurrency,
             workers: self.workers,
             deadline: Duration::from_secs(self.deadline_secs),
