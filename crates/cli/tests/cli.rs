@@ -351,7 +351,15 @@ fn unreachable_database_is_exit_5_and_bad_url_exit_4() {
 fn demo_runs_order_to_cash_and_checks_invariants() {
     let dir = tempfile::tempdir().unwrap();
     let out = Command::new(BIN)
-        .args(["demo", "--orders", "60", "--seed", "7", "--quiet", "--data-dir"])
+        .args([
+            "demo",
+            "--orders",
+            "60",
+            "--seed",
+            "7",
+            "--quiet",
+            "--data-dir",
+        ])
         .arg(dir.path())
         .output()
         .unwrap();
@@ -361,6 +369,9 @@ fn demo_runs_order_to_cash_and_checks_invariants() {
     assert!(report.contains("0 not terminal"), "{report}");
     assert!(report.contains("all hold"), "{report}");
     // Bad flags are bad input, not a crash.
-    let out = Command::new(BIN).args(["demo", "--decline-rate", "2"]).output().unwrap();
+    let out = Command::new(BIN)
+        .args(["demo", "--decline-rate", "2"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
 }
