@@ -490,20 +490,35 @@ impl OutboxClaimer for PgOutbox {
         let block = req.dead_letter_policy == DeadLetterPolicy::BlockKey;
         let limit = i64::try_from(req.limit).unwrap_or(i64::MAX);
         let mut tx = self.pool().begin().await.map_err(map_out)?;
-        // The heads: pending, due, free, and no unfinished row of the key
-        // before them. Holding a head's row lock holds its key.
+        // The heads: each key's first unfinished row, if it is pending, due
+        // and free. Holding a head's row lock holds its key. The first rows
+        // come from a skip scan over the (partition_key, sequence) index:
+        // one descent per key with unfinished rows, whatever the backlog.
         let heads: Vec<(i64, String)> = sqlx::query_as(
-            "SELECT o.sequence, o.partition_key
-               FROM vextrus_outbox o
+            "WITH RECURSIVE firsts AS (
+                 (SELECT p.partition_key, p.sequence
+                    FROM vextrus_outbox p
+                   WHERE p.status <> 'published' AND (p.status = 'pending' OR $2)
+                   ORDER BY p.partition_key, p.sequence
+                   LIMIT 1)
+                 UNION ALL
+                 SELECT n.partition_key, n.sequence
+                   FROM firsts f
+                  CROSS JOIN LATERAL (
+                      SELECT p.partition_key, p.sequence
+                        FROM vextrus_outbox p
+                       WHERE p.status <> 'published' AND (p.status = 'pending' OR $2)
+                         AND p.partition_key > f.partition_key
+                       ORDER BY p.partition_key, p.sequence
+                       LIMIT 1
+                  ) AS n
+             )
+             SELECT o.sequence, o.partition_key
+               FROM firsts f
+               JOIN vextrus_outbox o ON o.sequence = f.sequence
               WHERE o.status = 'pending'
                 AND o.next_attempt_at <= now()
                 AND (o.claimed_until IS NULL OR o.claimed_until <= now() OR o.claimed_by = $1)
-                AND NOT EXISTS (
-                    SELECT 1 FROM vextrus_outbox p
-                     WHERE p.partition_key = o.partition_key
-                       AND p.sequence < o.sequence
-                       AND p.status <> 'published'
-                       AND (p.status = 'pending' OR $2))
               ORDER BY o.sequence
               LIMIT $3
               FOR UPDATE OF o SKIP LOCKED",

@@ -1,5 +1,6 @@
 //! The outbox conformance suite (vextrus-testkit) on PostgreSQL: every case
-//! runs against its own fresh database.
+//! runs against its own fresh database, including per-key order with 3
+//! relay workers, 50 keys and 20k messages.
 
 mod common;
 
@@ -53,3 +54,8 @@ cases!(
     relay_retries_and_dead_letters,
     unit_of_work_rollback_leaves_nothing,
 );
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn per_key_order_3_workers_50_keys_20k_messages() {
+    outbox_suite::per_key_order_with_concurrent_workers(&Pg, 3, 50, 20_000).await;
+}
