@@ -39,6 +39,6 @@ mod outbox;
 mod store;
 mod unit_of_work;
 
-pub use outbox::{OUTBOX_MIGRATION, SqliteOutbox};
+pub use outbox::{MAX_PER_KEY_IN_BATCH, OUTBOX_MIGRATION, SqliteOutbox};
 pub use store::SqliteEventStore;
 pub use unit_of_work::SqliteUnitOfWorkTx;

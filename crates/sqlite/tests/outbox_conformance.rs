@@ -1,5 +1,6 @@
 //! The outbox conformance suite on SQLite (a fresh temporary file per case),
-//! and the unit of work with the service's own SQL.
+//! plus per-key order with 3 relay workers and 20k messages, and the unit of
+//! work with the service's own SQL.
 
 use vextrus_core::inbox::InboxStore;
 use vextrus_core::outbox::{OutboxStatus, OutboxStore};
@@ -50,6 +51,11 @@ cases!(
     relay_retries_and_dead_letters,
     unit_of_work_rollback_leaves_nothing,
 );
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn per_key_order_3_workers_50_keys_20k_messages() {
+    outbox_suite::per_key_order_with_concurrent_workers(&Sqlite3, 3, 50, 20_000).await;
+}
 
 /// The service's own SQL joins the unit of work: a dropped transaction
 /// leaves neither its row, nor the event, nor the message; a committed one
