@@ -18,12 +18,16 @@ pub struct Migration {
     pub sql: &'static str,
 }
 
-/// Every migration of the event store, in order.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "event_store",
-    sql: include_str!("../migrations/0001_event_store.sql"),
-}];
+/// Every migration, in order: the event store (1), then the outbox and
+/// inbox (2, [`OUTBOX_MIGRATION`](crate::OUTBOX_MIGRATION)).
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "event_store",
+        sql: include_str!("../migrations/0001_event_store.sql"),
+    },
+    crate::outbox::OUTBOX_MIGRATION,
+];
 
 /// The advisory lock key the migrator holds (`hashtext('vextrus_migrate')`-like
 /// constant, fixed so that every process agrees).

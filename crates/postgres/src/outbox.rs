@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use sqlx::postgres::{PgListener, PgRow};
-use sqlx::{Connection, PgConnection, Row};
+use sqlx::{PgConnection, Row};
 use tokio::sync::{mpsc, watch};
 use vextrus_core::outbox::{
     ClaimRequest, DeadLetterPolicy, DeadLetters, FailureOutcome, OutboxClaimer, OutboxError,
@@ -27,16 +27,13 @@ use crate::store::PgEventStore;
 pub const OUTBOX_NOTIFY_CHANNEL: &str = "vextrus_outbox";
 
 /// The outbox and inbox schema (`migrations/0002_outbox_inbox.sql`),
-/// applied by [`PgOutbox::migrate`] after the event store's migrations.
+/// version 2 of [`MIGRATIONS`](crate::MIGRATIONS): `vextrus migrate`,
+/// [`PgEventStore::migrate`] and [`PgOutbox::migrate`] all apply it.
 pub const OUTBOX_MIGRATION: Migration = Migration {
     version: 2,
     name: "outbox_inbox",
     sql: include_str!("../migrations/0002_outbox_inbox.sql"),
 };
-
-/// The event store migrator's advisory lock key (the same constant as in
-/// `migrate.rs`, so that the two migrators take turns).
-const MIGRATE_LOCK_KEY: i64 = 0x7665_7874_7275_7301;
 
 /// The first half of the two-part advisory lock an enqueuer takes per
 /// partition key (the second half is `hashtext(partition_key)`).
@@ -132,27 +129,12 @@ impl PgOutbox {
         self.store.pool()
     }
 
-    /// Applies the event store's migrations, then the outbox and inbox
-    /// schema ([`OUTBOX_MIGRATION`]), under the migrator's advisory lock and
-    /// recorded in `vextrus_schema_migrations`; applying it again is
-    /// harmless. Returns how many migrations were applied.
+    /// Applies every migration not yet applied — the event store's and
+    /// [`OUTBOX_MIGRATION`], both in [`MIGRATIONS`](crate::MIGRATIONS) —
+    /// under the migrator's advisory lock; applying them again is harmless.
+    /// Returns how many migrations were applied.
     pub async fn migrate(&self) -> OutboxResult<usize> {
-        let mut applied = self.store.migrate().await?;
-        let mut conn = self.pool().acquire().await.map_err(map_out)?;
-        sqlx::query("SELECT pg_advisory_lock($1)")
-            .bind(MIGRATE_LOCK_KEY)
-            .execute(&mut *conn)
-            .await
-            .map_err(map_out)?;
-        let result = apply_outbox_migration(&mut conn).await;
-        let unlock = sqlx::query("SELECT pg_advisory_unlock($1)")
-            .bind(MIGRATE_LOCK_KEY)
-            .execute(&mut *conn)
-            .await
-            .map_err(map_out);
-        applied += usize::from(result?);
-        unlock?;
-        Ok(applied)
+        Ok(self.store.migrate().await?)
     }
 
     /// Wakes relay workers LISTENing on [`OUTBOX_NOTIFY_CHANNEL`] (in every
@@ -220,56 +202,6 @@ impl PgOutbox {
             Err(e) => e,
         }
     }
-}
-
-/// Applies [`OUTBOX_MIGRATION`] unless recorded; whether it applied it.
-async fn apply_outbox_migration(conn: &mut PgConnection) -> OutboxResult<bool> {
-    let m = OUTBOX_MIGRATION;
-    let sum = checksum(m.sql);
-    let stored: Option<i64> =
-        sqlx::query_scalar("SELECT checksum FROM vextrus_schema_migrations WHERE version = $1")
-            .bind(m.version)
-            .fetch_optional(&mut *conn)
-            .await
-            .map_err(map_out)?;
-    if let Some(stored) = stored {
-        if stored != sum {
-            return Err(OutboxError::Backend(
-                format!(
-                    "migration {} ({}) was changed after it was applied",
-                    m.version, m.name
-                )
-                .into(),
-            ));
-        }
-        return Ok(false);
-    }
-    let mut tx = conn.begin().await.map_err(map_out)?;
-    sqlx::Executor::execute(&mut *tx, m.sql)
-        .await
-        .map_err(map_out)?;
-    sqlx::query(
-        "INSERT INTO vextrus_schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
-    )
-    .bind(m.version)
-    .bind(m.name)
-    .bind(sum)
-    .execute(&mut *tx)
-    .await
-    .map_err(map_out)?;
-    tx.commit().await.map_err(map_out)?;
-    Ok(true)
-}
-
-/// The migrator's checksum (64-bit FNV-1a of the text, as `migrate.rs`
-/// computes it), so either migrator recognises the other's record.
-fn checksum(sql: &str) -> i64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in sql.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    i64::from_ne_bytes(h.to_ne_bytes())
 }
 
 /// Listens on [`OUTBOX_NOTIFY_CHANNEL`] and bumps `tx` on every
@@ -786,13 +718,6 @@ mod tests {
     use vextrus_kernel::{ErrorKind, HasErrorKind};
 
     use super::*;
-
-    #[test]
-    fn checksum_matches_the_migrator() {
-        // The event store migrator's FNV-1a of "abc".
-        assert_eq!(checksum("abc") as u64, 0xe71f_a219_0541_574b);
-        assert_eq!(OUTBOX_MIGRATION.version, 2);
-    }
 
     #[test]
     fn delays_are_clamped() {

@@ -21,8 +21,9 @@ use vextrus_kernel::{ErrorKind, HasErrorKind};
 use crate::migrate::Migration;
 use crate::store::{SqliteEventStore, map_sqlx};
 
-/// The outbox and inbox migration (version 2), applied by
-/// [`SqliteOutbox::migrate`] after the event store's own.
+/// The outbox and inbox migration, version 2 of
+/// [`MIGRATIONS`](crate::migrate::MIGRATIONS): `vextrus migrate`,
+/// [`SqliteEventStore::migrate`] and [`SqliteOutbox::migrate`] all apply it.
 pub const OUTBOX_MIGRATION: Migration = Migration {
     version: 2,
     name: "outbox_inbox",
@@ -162,51 +163,12 @@ impl SqliteOutbox {
         Ok(outbox)
     }
 
-    /// Applies the event store's migrations, then [`OUTBOX_MIGRATION`] if it
-    /// is not applied yet (recorded in `vextrus_migrations` like the
-    /// others, with the same checksum rule); returns how many it applied.
-    /// Running it again is harmless; two processes migrating at once take
-    /// turns (`BEGIN IMMEDIATE`).
+    /// Applies every migration not yet applied — the event store's and
+    /// [`OUTBOX_MIGRATION`], both in [`MIGRATIONS`](crate::migrate::MIGRATIONS) —
+    /// and returns how many it applied. Running it again is harmless; two
+    /// processes migrating at once take turns (`BEGIN IMMEDIATE`).
     pub async fn migrate(&self) -> OutboxResult<usize> {
-        let mut applied = self.events.migrate().await?;
-        let m = OUTBOX_MIGRATION;
-        let sum = checksum(m.sql);
-        let mut tx = self.begin_immediate().await?;
-        let stored: Option<String> =
-            sqlx::query_scalar("SELECT checksum FROM vextrus_migrations WHERE version = ?")
-                .bind(m.version)
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(db_err)?;
-        match stored {
-            Some(s) if s == sum => {}
-            Some(s) => {
-                return Err(OutboxError::Backend(
-                    format!(
-                        "migration {} ({}) was changed after it was applied (checksum {s}, now {sum})",
-                        m.version, m.name
-                    )
-                    .into(),
-                ));
-            }
-            None => {
-                sqlx::Executor::execute(&mut *tx, m.sql)
-                    .await
-                    .map_err(db_err)?;
-                sqlx::query(
-                    "INSERT INTO vextrus_migrations (version, name, checksum) VALUES (?, ?, ?)",
-                )
-                .bind(m.version)
-                .bind(m.name)
-                .bind(&sum)
-                .execute(&mut *tx)
-                .await
-                .map_err(db_err)?;
-                applied += 1;
-            }
-        }
-        tx.commit().await.map_err(db_err)?;
-        Ok(applied)
+        Ok(self.events.migrate().await?)
     }
 
     /// The event store units of work append to.
@@ -341,17 +303,6 @@ pub(crate) fn nanos(d: Duration) -> i64 {
 
 pub(crate) fn from_nanos(ns: i64) -> DateTime<Utc> {
     DateTime::from_timestamp_nanos(ns)
-}
-
-/// A stable 64-bit FNV-1a checksum of a migration's text, as hex (the rule
-/// of [`crate::migrate`]).
-fn checksum(sql: &str) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in sql.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    format!("{h:016x}")
 }
 
 /// JSON array text of ids, for `json_each`.
@@ -759,13 +710,6 @@ impl OutboxRetention for SqliteOutbox {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn checksum_matches_the_migrators_rule() {
-        // FNV-1a 64 of "a" (the migrator's own test pins only stability).
-        assert_eq!(checksum("a"), "af63dc4c8601ec8c");
-        assert_ne!(checksum(OUTBOX_MIGRATION.sql), checksum("a"));
-    }
 
     #[tokio::test]
     async fn migrate_twice_is_harmless_and_records_version_2() {
