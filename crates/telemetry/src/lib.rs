@@ -66,7 +66,7 @@ pub use propagation::{
     current_trace_context, extract_headers, extract_headers_lenient, inject_headers,
     inject_into_metadata, inject_trace_context, trace_context_of,
 };
-pub use record::{BreakerState, Outcome};
+pub use record::Outcome;
 pub use timing::{Timed, TimedExt, timed, try_timed};
 
 /// Results of this crate.

@@ -110,9 +110,14 @@ pub const SAGA_COMPENSATIONS_TOTAL: &str = "vextrus_saga_compensations_total";
 
 // ------------------------------------------------------------------ resilience
 
-/// Gauge: a circuit breaker's state, by breaker: 0 closed, 1 half-open, 2 open
-/// (see [`crate::BreakerState`]).
-pub const BREAKER_STATE: &str = "vextrus_breaker_state";
+// The resilience policies record their own metrics (vextrus-resilience does
+// not depend on this crate); the names are defined once, there, and listed
+// here so that dashboards, `describe_metrics` and the scrape test see them.
+pub use vextrus_resilience::metrics::{
+    BREAKER_CALLS_TOTAL, BREAKER_SLOW_CALLS_TOTAL, BREAKER_STATE, BREAKER_TRANSITIONS_TOTAL,
+    BULKHEAD_REJECTIONS_TOTAL, LABEL_FROM, LABEL_KIND, LABEL_REASON, LABEL_TO, RETRIES_TOTAL,
+    RETRY_GIVE_UPS_TOTAL, TIMEOUTS_TOTAL,
+};
 
 // ---------------------------------------------------------------------- timing
 
@@ -221,7 +226,56 @@ pub const ALL_METRICS: &[MetricDef] = &[
         kind: MetricKind::Gauge,
         unit: None,
         labels: &[LABEL_BREAKER],
-        help: "Circuit breaker state: 0 closed, 1 half-open, 2 open.",
+        help: "Circuit breaker state: 0 closed, 1 open, 2 half-open.",
+    },
+    MetricDef {
+        name: BREAKER_CALLS_TOTAL,
+        kind: MetricKind::Counter,
+        unit: None,
+        labels: &[LABEL_BREAKER, LABEL_OUTCOME],
+        help: "Calls seen by a circuit breaker: success, failure, rejected or ignored.",
+    },
+    MetricDef {
+        name: BREAKER_SLOW_CALLS_TOTAL,
+        kind: MetricKind::Counter,
+        unit: None,
+        labels: &[LABEL_BREAKER],
+        help: "Calls slower than the breaker's slow-call duration.",
+    },
+    MetricDef {
+        name: BREAKER_TRANSITIONS_TOTAL,
+        kind: MetricKind::Counter,
+        unit: None,
+        labels: &[LABEL_BREAKER, LABEL_FROM, LABEL_TO],
+        help: "Circuit breaker state changes.",
+    },
+    MetricDef {
+        name: RETRIES_TOTAL,
+        kind: MetricKind::Counter,
+        unit: None,
+        labels: &[LABEL_KIND],
+        help: "Retries scheduled, by the kind of the error that caused them.",
+    },
+    MetricDef {
+        name: RETRY_GIVE_UPS_TOTAL,
+        kind: MetricKind::Counter,
+        unit: None,
+        labels: &[LABEL_REASON],
+        help: "Failed calls returned without a further retry: not_retryable, max_attempts or max_elapsed.",
+    },
+    MetricDef {
+        name: TIMEOUTS_TOTAL,
+        kind: MetricKind::Counter,
+        unit: None,
+        labels: &[],
+        help: "Attempts cancelled by a timeout.",
+    },
+    MetricDef {
+        name: BULKHEAD_REJECTIONS_TOTAL,
+        kind: MetricKind::Counter,
+        unit: None,
+        labels: &[LABEL_REASON],
+        help: "Calls a bulkhead turned away: queue_full or max_wait.",
     },
     MetricDef {
         name: OPERATION_SECONDS,

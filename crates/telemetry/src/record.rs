@@ -6,11 +6,10 @@
 //!
 //! ```
 //! use std::time::Duration;
-//! use vextrus_telemetry::{record, BreakerState, Outcome};
+//! use vextrus_telemetry::{record, Outcome};
 //!
 //! record::event_append(3, Duration::from_millis(4), Outcome::Ok);
 //! record::outbox_backlog(12, Duration::from_secs(2));
-//! record::breaker_state("payments", BreakerState::Open);
 //! ```
 
 use std::time::Duration;
@@ -65,28 +64,6 @@ impl Outcome {
         match result {
             Ok(_) => Outcome::Ok,
             Err(e) => Outcome::from_kind(e.kind()),
-        }
-    }
-}
-
-/// A circuit breaker's state, as the [`names::BREAKER_STATE`] gauge encodes it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum BreakerState {
-    /// Calls pass (gauge value 0).
-    Closed,
-    /// A trial call is allowed (gauge value 1).
-    HalfOpen,
-    /// Calls are rejected (gauge value 2).
-    Open,
-}
-
-impl BreakerState {
-    /// The gauge value.
-    pub fn gauge_value(self) -> f64 {
-        match self {
-            BreakerState::Closed => 0.0,
-            BreakerState::HalfOpen => 1.0,
-            BreakerState::Open => 2.0,
         }
     }
 }
@@ -161,12 +138,6 @@ pub fn saga_compensation(saga_type: &str, step: &str) {
     .increment(1);
 }
 
-/// Breaker `breaker` is now in `state`.
-pub fn breaker_state(breaker: &str, state: BreakerState) {
-    gauge!(names::BREAKER_STATE, names::LABEL_BREAKER => breaker.to_owned())
-        .set(state.gauge_value());
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -191,7 +162,6 @@ mod tests {
             Outcome::Error
         );
         assert_eq!(Outcome::Cancelled.as_str(), "cancelled");
-        assert_eq!(BreakerState::HalfOpen.gauge_value(), 1.0);
     }
 
     #[test]
@@ -202,7 +172,6 @@ mod tests {
             event_append(3, Duration::from_millis(2), Outcome::Ok);
             event_append(1, Duration::from_millis(2), Outcome::Conflict);
             saga_compensation("order_to_cash", "reserve_stock");
-            breaker_state("payments", BreakerState::Open);
         });
         let text = handle.render();
         assert!(
@@ -214,6 +183,5 @@ mod tests {
         assert!(text.contains(
             "vextrus_saga_compensations_total{saga_type=\"order_to_cash\",step=\"reserve_stock\"} 1"
         ));
-        assert!(text.contains("vextrus_breaker_state{breaker=\"payments\"} 2"));
     }
 }

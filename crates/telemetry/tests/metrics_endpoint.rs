@@ -7,8 +7,12 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 use vextrus_kernel::{ErrorKind, HasErrorKind};
+use vextrus_resilience::{
+    Bulkhead, CircuitBreaker, CircuitBreakerConfig, CircuitState, RetryPolicy, SlidingWindow,
+    timeout,
+};
 use vextrus_telemetry::{
-    BreakerState, Outcome, TelemetryConfig, TelemetryError, TimedExt, init, names, record, try_init,
+    Outcome, TelemetryConfig, TelemetryError, TimedExt, init, names, record, try_init,
 };
 
 fn http(addr: SocketAddr, method: &str, path: &str) -> (u16, String, String) {
@@ -33,6 +37,14 @@ struct Conflict;
 impl HasErrorKind for Conflict {
     fn kind(&self) -> ErrorKind {
         ErrorKind::Conflict
+    }
+}
+
+#[derive(Debug)]
+struct Transient;
+impl HasErrorKind for Transient {
+    fn kind(&self) -> ErrorKind {
+        ErrorKind::Transient
     }
 }
 
@@ -62,11 +74,46 @@ fn metrics_endpoint_serves_every_vextrus_metric() {
         Outcome::Ok,
     );
     record::saga_compensation("order_to_cash", "reserve_stock");
-    record::breaker_state("payments", BreakerState::HalfOpen);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .build()
         .unwrap();
+    // The resilience policies record under the names listed in `names`: a
+    // breaker that sees a slow call, then opens and rejects; a retry that
+    // gives up; a timeout; a full bulkhead.
+    let breaker = CircuitBreaker::new(
+        "payments",
+        CircuitBreakerConfig::new()
+            .sliding_window(SlidingWindow::Count(4))
+            .minimum_calls(2)
+            .slow_call_duration(Duration::from_millis(1))
+            .wait_duration_in_open(Duration::from_secs(3600)),
+    );
+    let slow = breaker.try_acquire().unwrap();
+    std::thread::sleep(Duration::from_millis(5));
+    slow.record_failure();
+    breaker.try_acquire().unwrap().record_failure();
+    assert_eq!(breaker.state(), CircuitState::Open);
+    assert!(breaker.try_acquire().is_err());
+    let policy = RetryPolicy::new()
+        .min_delay(Duration::from_millis(1))
+        .max_delay(Duration::from_millis(1))
+        .max_attempts(2);
+    let gave_up: Result<(), Transient> = rt.block_on(policy.retry(|| async { Err(Transient) }));
+    assert!(gave_up.is_err());
+    let late = rt.block_on(async {
+        timeout(Duration::from_millis(1), async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            Ok::<_, Transient>(())
+        })
+        .await
+    });
+    assert!(late.is_err());
+    let bulkhead = Bulkhead::new(1, 0);
+    rt.block_on(async {
+        let _held = bulkhead.acquire().await.unwrap();
+        assert!(bulkhead.acquire().await.is_err(), "a full bulkhead rejects");
+    });
     let failed: Result<(), Conflict> =
         rt.block_on(async { Err(Conflict) }.try_timed("inventory.reserve"));
     assert!(failed.is_err());
@@ -95,9 +142,19 @@ fn metrics_endpoint_serves_every_vextrus_metric() {
     assert!(body.contains(
         "vextrus_sagas{service=\"metrics-test\",saga_type=\"order_to_cash\",state=\"running\"} 4"
     ));
+    // 1 = open, as vextrus_resilience::CircuitState encodes it.
     assert!(
-        body.contains("vextrus_breaker_state{service=\"metrics-test\",breaker=\"payments\"} 1")
+        body.contains(
+            "vextrus_resilience_breaker_state{service=\"metrics-test\",breaker=\"payments\"} 1"
+        ),
+        "{body}"
     );
+    assert!(body.contains(
+        "vextrus_resilience_breaker_calls_total{service=\"metrics-test\",breaker=\"payments\",outcome=\"rejected\"} 1"
+    ), "{body}");
+    assert!(body.contains(
+        "vextrus_resilience_retry_give_ups_total{service=\"metrics-test\",reason=\"max_attempts\"} 1"
+    ), "{body}");
     // Latency histograms have the documented buckets.
     assert!(body.contains(
         "vextrus_saga_step_seconds_bucket{service=\"metrics-test\",saga_type=\"order_to_cash\",step=\"reserve_stock\",outcome=\"ok\",le=\"0.025\"} 1"
