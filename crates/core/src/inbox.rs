@@ -13,6 +13,7 @@
 //! dead-lettered at once, never handed to the handler.
 
 use std::time::Duration;
+use tracing::Instrument;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -239,7 +240,26 @@ where
         let Some(delivery) = self.source.next().await? else {
             return Ok(None);
         };
-        match self.handle(&delivery).await {
+        // The handler's spans (and whatever it sends on) continue the trace
+        // the message carries.
+        let message = delivery.message();
+        let span = vextrus_telemetry::spans::message_consume(
+            message.id,
+            &message.source,
+            &message.headers,
+        );
+        let started = std::time::Instant::now();
+        let handled = self.handle(&delivery).instrument(span).await;
+        vextrus_telemetry::record::message_consume(
+            started.elapsed(),
+            match &handled {
+                Ok((InboxOutcome::Processed | InboxOutcome::Duplicate, _)) => {
+                    vextrus_telemetry::Outcome::Ok
+                }
+                Ok(_) | Err(_) => vextrus_telemetry::Outcome::Error,
+            },
+        );
+        match handled {
             Ok((outcome, ack)) => {
                 match ack {
                     Ack::Ack => delivery.ack().await?,

@@ -48,18 +48,23 @@
 //! });
 //! ```
 
+#[cfg(feature = "export")]
 mod config;
 mod error;
+#[cfg(feature = "export")]
 mod init;
 pub mod names;
 pub mod propagation;
 pub mod record;
+#[cfg(feature = "export")]
 mod runtime;
 pub mod spans;
 mod timing;
 
+#[cfg(feature = "export")]
 pub use config::{LogFormat, TelemetryConfig};
 pub use error::TelemetryError;
+#[cfg(feature = "export")]
 pub use init::{LATENCY_BUCKETS, TRACER_NAME, TelemetryGuard, init, try_init};
 pub use propagation::{
     HeaderSink, HeaderSource, context_from, continue_from_headers, continue_trace,

@@ -21,7 +21,7 @@
 //! other.
 //!
 //! ```
-//! use std::collections::HashMap;
+//! use std::collections::{BTreeMap, HashMap};
 //! use vextrus_kernel::TraceContext;
 //! use vextrus_telemetry::{extract_headers, inject_trace_context};
 //!
@@ -38,7 +38,7 @@
 //! assert_eq!(extract_headers(&HashMap::new()).unwrap(), None);
 //! ```
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::TraceContextExt;
@@ -97,6 +97,23 @@ impl<S: std::hash::BuildHasher> HeaderSink for HashMap<String, String, S> {
 }
 
 impl<S: std::hash::BuildHasher> HeaderSource for HashMap<String, String, S> {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.get(name).map(String::as_str).or_else(|| {
+            self.iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.as_str())
+        })
+    }
+}
+
+impl HeaderSink for BTreeMap<String, String> {
+    fn set_header(&mut self, name: &str, value: &str) {
+        self.retain(|k, _| !k.eq_ignore_ascii_case(name));
+        self.insert(name.to_owned(), value.to_owned());
+    }
+}
+
+impl HeaderSource for BTreeMap<String, String> {
     fn header(&self, name: &str) -> Option<&str> {
         self.get(name).map(String::as_str).or_else(|| {
             self.iter()

@@ -692,6 +692,7 @@ pub async fn stale_worker_is_fenced<B: SagaStoreBackend>(backend: &B) {
             saga_type: "t".into(),
             version: 1,
             data: json!({}),
+            trace_context: None,
         })
         .await
         .unwrap();
@@ -702,6 +703,7 @@ pub async fn stale_worker_is_fenced<B: SagaStoreBackend>(backend: &B) {
                 saga_type: "t".into(),
                 version: 1,
                 data: json!({}),
+                trace_context: None,
             })
             .await,
         Err(SagaError::AlreadyExists(_))
@@ -907,6 +909,7 @@ pub async fn running_instance_finishes_on_its_version<B: SagaStoreBackend>(backe
             saga_type: "versioned".into(),
             version: 1,
             data: serde_json::to_value(Order::ok()).unwrap(),
+            trace_context: None,
         })
         .await
         .unwrap();
@@ -1118,6 +1121,57 @@ pub async fn operator_list_show_abort<B: SagaStoreBackend>(backend: &B) {
     assert_eq!(load(&store, waiting).await.state, SagaState::Compensated);
 }
 
+/// The trace context a saga is created with is kept with its progress,
+/// through claims and commits, so a step driven later by any worker
+/// continues the trace that started the saga.
+pub async fn trace_context_is_kept_with_the_progress<B: SagaStoreBackend>(backend: &B) {
+    let store = backend.fresh_store().await;
+    let tc = vextrus_kernel::TraceContext::parse(
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        Some("vendor=1"),
+    )
+    .unwrap();
+    let id = SagaId::new();
+    store
+        .create(NewSaga {
+            id,
+            saga_type: "traced".into(),
+            version: 1,
+            data: json!({}),
+            trace_context: Some(tc.clone()),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        load(&store, id).await.progress.trace_context,
+        Some(tc.clone())
+    );
+    let claim = store.claim(id, "w", Duration::from_secs(5)).await.unwrap();
+    assert_eq!(claim.instance.progress.trace_context, Some(tc.clone()));
+    let mut progress = claim.instance.progress.clone();
+    progress.step = 1;
+    store
+        .commit(SagaTransition {
+            saga_id: id,
+            token: claim.token,
+            worker: "w".into(),
+            state: SagaState::Running,
+            data: json!({"n": 1}),
+            progress,
+            last_error: None,
+            wake: Wake::Now,
+            lease: LeaseUpdate::Release,
+            history: Vec::new(),
+            commands: Vec::new(),
+            inbox_message_id: None,
+        })
+        .await
+        .unwrap();
+    let after = load(&store, id).await;
+    assert_eq!(after.progress.step, 1);
+    assert_eq!(after.progress.trace_context, Some(tc));
+}
+
 /// Expands to one `#[tokio::test]` per saga-store conformance case, each
 /// running against the given backend expression (a [`SagaStoreBackend`]).
 /// The calling crate needs `tokio` (with `macros` and `rt-multi-thread`) as
@@ -1137,6 +1191,7 @@ macro_rules! saga_store_conformance {
             running_instance_finishes_on_its_version,
             idempotency_keys_are_stable_across_retries,
             operator_list_show_abort,
+            trace_context_is_kept_with_the_progress,
         );
     };
     (@cases $backend:expr; $($case:ident),* $(,)?) => {

@@ -11,7 +11,7 @@ use crate::outbox::{InMemoryOutbox, OutboxClaimer, OutboxError, OutboxStatus};
 use crate::saga::error::SagaError;
 use crate::saga::state::{
     HistoryEntry, HistoryEvent, HistoryKind, Lease, SagaCommand, SagaFilter, SagaId, SagaInstance,
-    SagaProgress, SagaState,
+    SagaState,
 };
 use crate::saga::store::{
     Claim, LeaseUpdate, NewSaga, SagaCommandOutbox, SagaStore, SagaTransition, Wake,
@@ -37,7 +37,7 @@ use vextrus_kernel::{ErrorKind, HasErrorKind};
 /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
 /// let store = InMemorySagaStore::new();
 /// let id = SagaId::new();
-/// store.create(NewSaga { id, saga_type: "t".into(), version: 1, data: json!({}) }).await.unwrap();
+/// store.create(NewSaga { id, saga_type: "t".into(), version: 1, data: json!({}), trace_context: None }).await.unwrap();
 ///
 /// let first = store.claim(id, "worker-a", Duration::from_secs(10)).await.unwrap();
 /// // worker-a holds a live lease: worker-b cannot claim
@@ -186,13 +186,14 @@ impl SagaStore for InMemorySagaStore {
         if st.sagas.contains_key(&new.id) {
             return Err(SagaError::AlreadyExists(new.id));
         }
+        let progress = new.initial_progress();
         let inst = SagaInstance {
             id: new.id,
             saga_type: new.saga_type,
             version: new.version,
             state: SagaState::Running,
             data: new.data,
-            progress: SagaProgress::default(),
+            progress,
             due_at: Some(now),
             lease: None,
             fencing_token: 0,
@@ -429,6 +430,7 @@ mod tests {
                 saga_type: "t".into(),
                 version: 1,
                 data: json!({"n": 0}),
+                trace_context: None,
             })
             .await
             .unwrap();

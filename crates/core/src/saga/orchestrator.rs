@@ -4,6 +4,7 @@
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
+use tracing::Instrument;
 
 use futures::future::join_all;
 use serde_json::Value;
@@ -216,6 +217,7 @@ impl<S: SagaStore> Orchestrator<S> {
             saga_type: saga_type.to_owned(),
             version,
             data: serde_json::to_value(data)?,
+            trace_context: vextrus_telemetry::current_trace_context(),
         };
         match self.store.create(new).await {
             Ok(_) => {}
@@ -587,7 +589,10 @@ impl<S: SagaStore> Orchestrator<S> {
                 &info.name,
                 Some(attempt),
             ));
-            match def.invoke(step, kind, &inst.data, ctx.clone()) {
+            let span = step_span(&inst, &info.name, kind);
+            // Invoked inside the step's span, so spans the step's code opens
+            // as it builds its future or command are the step's children.
+            match span.in_scope(|| def.invoke(step, kind, &inst.data, ctx.clone())) {
                 Invocation::Remote(cmd) => {
                     let message_id = Uuid::now_v7();
                     t.progress.in_flight = Some(InFlight {
@@ -610,7 +615,9 @@ impl<S: SagaStore> Orchestrator<S> {
                         payload: cmd.payload,
                     });
                     t.lease = LeaseUpdate::Release;
-                    self.store.commit(t).await?;
+                    // Committed inside the step's span: the queued command
+                    // carries its trace context to the participant.
+                    self.store.commit(t).instrument(span).await?;
                     return Ok(());
                 }
                 Invocation::Local(fut) => {
@@ -621,11 +628,27 @@ impl<S: SagaStore> Orchestrator<S> {
                         message_id: None,
                     });
                     t.lease = LeaseUpdate::Extend(info.timeout + self.config.lease);
-                    let started = self.store.commit(t).await?;
-                    let outcome = match tokio::time::timeout(info.timeout, fut).await {
+                    let started = self.store.commit(t).instrument(span.clone()).await?;
+                    let clock = std::time::Instant::now();
+                    let outcome = match tokio::time::timeout(info.timeout, fut)
+                        .instrument(span)
+                        .await
+                    {
                         Ok(o) => Outcome::from(o),
                         Err(_) => Outcome::TimedOut,
                     };
+                    if kind == StepKind::Action {
+                        vextrus_telemetry::record::saga_step(
+                            &inst.saga_type,
+                            &info.name,
+                            clock.elapsed(),
+                            if matches!(outcome, Outcome::Success(_)) {
+                                vextrus_telemetry::Outcome::Ok
+                            } else {
+                                vextrus_telemetry::Outcome::Error
+                            },
+                        );
+                    }
                     let t = self.apply_outcome(def, &started, token, step, kind, attempt, outcome);
                     inst = self.settle(&started, t, &mut pending).await?;
                 }
@@ -868,6 +891,27 @@ fn begin_compensation(
         t.wake = Wake::Now;
     }
     t.last_error = Some(reason);
+}
+
+/// The span of one attempt of (`step`, `kind`): a child of the current span
+/// when there is one (the consume span of the reply that moved the saga on),
+/// otherwise continuing the trace the saga was started in (a worker or a
+/// timer driving it). A compensation is counted as it starts.
+fn step_span(inst: &SagaInstance, step_name: &str, kind: StepKind) -> tracing::Span {
+    let parent = if vextrus_telemetry::current_trace_context().is_some() {
+        None
+    } else {
+        inst.progress.trace_context.as_ref()
+    };
+    match kind {
+        StepKind::Action => {
+            vextrus_telemetry::spans::saga_step(inst.id, &inst.saga_type, step_name, parent)
+        }
+        StepKind::Compensation => {
+            vextrus_telemetry::record::saga_compensation(&inst.saga_type, step_name);
+            vextrus_telemetry::spans::saga_compensation(inst.id, &inst.saga_type, step_name, parent)
+        }
+    }
 }
 
 #[cfg(test)]

@@ -205,6 +205,14 @@ pub struct SagaProgress {
     pub compensations: Vec<usize>,
     /// The started action or compensation awaiting its result, if any.
     pub in_flight: Option<InFlight>,
+    /// The W3C trace context of the span that started the saga (the order's
+    /// placement, say). A step driven with no span of its own around it (a
+    /// worker resuming the saga, a timer) continues this trace, so one trace
+    /// covers the whole business transaction across workers, processes and
+    /// restarts. It lives here because every store persists the progress
+    /// whole, as the orchestrator wrote it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_context: Option<vextrus_kernel::TraceContext>,
 }
 
 /// A worker's lease on a saga.

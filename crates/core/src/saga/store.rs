@@ -25,6 +25,21 @@ pub struct NewSaga {
     pub version: u32,
     /// The initial data.
     pub data: Value,
+    /// The trace the saga continues (see [`SagaProgress::trace_context`]);
+    /// [`Orchestrator::start`](crate::saga::Orchestrator::start) sets it from
+    /// the current span.
+    pub trace_context: Option<vextrus_kernel::TraceContext>,
+}
+
+impl NewSaga {
+    /// The progress a store gives the new saga: nothing done yet, and the
+    /// trace context to continue.
+    pub fn initial_progress(&self) -> SagaProgress {
+        SagaProgress {
+            trace_context: self.trace_context.clone(),
+            ..SagaProgress::default()
+        }
+    }
 }
 
 /// When a worker should next act on the saga; the store turns it into a

@@ -29,11 +29,17 @@ pub const REPLY_TYPE: &str = "saga.reply";
 /// The CloudEvents source of commands.
 pub const ORCHESTRATOR_SOURCE: &str = "vextrus-saga-orchestrator";
 
+/// The metadata of a command or reply: correlated by the saga id, and
+/// carrying the current span's trace context (the saga step's span when the
+/// orchestrator commits a command, the consume span when a participant
+/// replies), so the receiver's spans continue the same trace.
 fn metadata(saga: uuid::Uuid) -> EventMetadata {
-    EventMetadata {
+    let mut metadata = EventMetadata {
         correlation_id: CorrelationId(saga),
         ..EventMetadata::new()
-    }
+    };
+    vextrus_telemetry::inject_into_metadata(&mut metadata);
+    metadata
 }
 
 impl SagaCommand {
