@@ -61,6 +61,7 @@
 //! writes its read model with SQL through it and the checkpoint commits with
 //! it.
 
+pub mod any;
 mod error;
 mod inbox;
 mod migrate;

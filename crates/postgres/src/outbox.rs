@@ -37,7 +37,7 @@ pub const OUTBOX_MIGRATION: Migration = Migration {
 
 /// The first half of the two-part advisory lock an enqueuer takes per
 /// partition key (the second half is `hashtext(partition_key)`).
-const KEY_LOCK_CLASS: i32 = 0x7662_6f78; // "vbox"
+pub(crate) const KEY_LOCK_CLASS: i32 = 0x7662_6f78; // "vbox"
 
 /// Durations beyond this are clamped (a timestamp a century ahead is
 /// "never" for a relay, and stays inside PostgreSQL's range).

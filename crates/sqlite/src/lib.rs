@@ -33,6 +33,7 @@
 //! - **Migrations** are versioned `.sql` files applied by
 //!   [`SqliteEventStore::migrate`]; applying them twice is harmless.
 
+pub mod any;
 mod inbox;
 pub mod migrate;
 mod outbox;
