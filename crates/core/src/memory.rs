@@ -264,10 +264,19 @@ impl EventAppender for InMemoryEventStore {
         expected: ExpectedVersion,
         events: &[NewEvent],
     ) -> Result<AppendResult> {
+        let span = vextrus_telemetry::spans::event_append(stream_id, events.len());
+        let _entered = span.enter();
+        let started = std::time::Instant::now();
         let result = {
             let mut st = self.state();
-            self.append_locked(&mut st, stream_id, expected, events)?
+            self.append_locked(&mut st, stream_id, expected, events)
         };
+        vextrus_telemetry::record::event_append(
+            events.len() as u64,
+            started.elapsed(),
+            vextrus_telemetry::Outcome::of(&result),
+        );
+        let result = result?;
         self.inner.commits.send_modify(|n| *n = n.wrapping_add(1));
         Ok(result)
     }

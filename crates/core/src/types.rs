@@ -272,12 +272,17 @@ impl NewEvent {
     /// Longest allowed event type, in bytes.
     pub const MAX_EVENT_TYPE_LEN: usize = 200;
 
-    /// A schema-version-1 event with the id taken from `metadata`.
+    /// A schema-version-1 event with the id taken from `metadata`. Metadata
+    /// without a trace context gets the current span's (if any), so whoever
+    /// reads the event later (a projection, a relay) continues this trace.
     pub fn new(
         event_type: impl Into<String>,
         payload: serde_json::Value,
-        metadata: EventMetadata,
+        mut metadata: EventMetadata,
     ) -> Self {
+        if metadata.trace_context.is_none() {
+            vextrus_telemetry::inject_into_metadata(&mut metadata);
+        }
         Self {
             event_id: metadata.event_id,
             event_type: event_type.into(),
@@ -294,8 +299,12 @@ impl NewEvent {
     }
 
     /// Serializes a domain event, taking its type and schema version from the
-    /// [`DomainEvent`] impl and its id from `metadata`.
-    pub fn from_domain<E: DomainEvent>(event: &E, metadata: EventMetadata) -> Result<Self> {
+    /// [`DomainEvent`] impl and its id from `metadata` (given the current
+    /// span's trace context if it has none, as [`NewEvent::new`] does).
+    pub fn from_domain<E: DomainEvent>(event: &E, mut metadata: EventMetadata) -> Result<Self> {
+        if metadata.trace_context.is_none() {
+            vextrus_telemetry::inject_into_metadata(&mut metadata);
+        }
         Ok(Self {
             event_id: metadata.event_id,
             event_type: event.event_type().to_owned(),

@@ -3,6 +3,7 @@
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
+use tracing::Instrument;
 
 use chrono::{DateTime, Utc};
 use futures::{StreamExt, TryStreamExt};
@@ -554,13 +555,25 @@ impl EventAppender for SqliteEventStore {
         expected: ExpectedVersion,
         events: &[NewEvent],
     ) -> Result<AppendResult> {
-        // Validate before taking the write lock.
-        validate_batch(events, self.max_payload)?;
-        let mut tx = self.begin().await?;
-        let result = append_on(&mut tx, self.max_payload, stream_id, expected, events).await?;
-        tx.commit().await.map_err(map_sqlx)?;
-        self.notify_committed();
-        Ok(result)
+        let span = vextrus_telemetry::spans::event_append(stream_id, events.len());
+        let started = std::time::Instant::now();
+        let result = async {
+            // Validate before taking the write lock.
+            validate_batch(events, self.max_payload)?;
+            let mut tx = self.begin().await?;
+            let result = append_on(&mut tx, self.max_payload, stream_id, expected, events).await?;
+            tx.commit().await.map_err(map_sqlx)?;
+            self.notify_committed();
+            Ok(result)
+        }
+        .instrument(span)
+        .await;
+        vextrus_telemetry::record::event_append(
+            events.len() as u64,
+            started.elapsed(),
+            vextrus_telemetry::Outcome::of(&result),
+        );
+        result
     }
 }
 
