@@ -108,9 +108,12 @@ where
 }
 
 /// Runs one saga (declined or not) through the whole plumbing under a
-/// subscriber exporting to memory; returns the saga's final state and the
-/// finished spans.
-fn run(decline: bool) -> (SagaState, Vec<SpanData>) {
+/// subscriber exporting to memory and a local metrics recorder; returns the
+/// saga's final state, the finished spans and the rendered metrics.
+fn run(decline: bool) -> (SagaState, Vec<SpanData>, String) {
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    let metrics = recorder.handle();
+    let _metrics_guard = metrics::set_default_local_recorder(&recorder);
     let exporter = InMemorySpanExporter::default();
     let provider = SdkTracerProvider::builder()
         .with_simple_exporter(exporter.clone())
@@ -173,7 +176,11 @@ fn run(decline: bool) -> (SagaState, Vec<SpanData>) {
     });
     drop(rt);
     provider.force_flush().unwrap();
-    (state, exporter.get_finished_spans().unwrap())
+    (
+        state,
+        exporter.get_finished_spans().unwrap(),
+        metrics.render(),
+    )
 }
 
 /// The spans by id, and helpers to walk parent links.
@@ -257,8 +264,16 @@ fn check_one_trace(tree: &Tree) -> TraceId {
 
 #[test]
 fn a_completed_saga_is_one_trace_across_outbox_transport_and_inbox() {
-    let (state, spans) = run(false);
+    let (state, spans, metrics) = run(false);
     assert_eq!(state, SagaState::Completed);
+    // Every step's latency reached the step histogram: the local ones timed
+    // around the call, the remote one from its command to its reply.
+    for step in ["validate", "reserve", "complete"] {
+        let line = format!(
+            "vextrus_saga_step_seconds_count{{saga_type=\"traced\",step=\"{step}\",outcome=\"ok\"}} 1"
+        );
+        assert!(metrics.contains(&line), "{line} missing from\n{metrics}");
+    }
     let tree = Tree::new(spans);
     check_one_trace(&tree);
 
@@ -326,8 +341,13 @@ fn a_completed_saga_is_one_trace_across_outbox_transport_and_inbox() {
 
 #[test]
 fn a_compensated_saga_is_one_trace_including_its_compensations() {
-    let (state, spans) = run(true);
+    let (state, spans, metrics) = run(true);
     assert_eq!(state, SagaState::Compensated);
+    for step in ["reserve", "validate"] {
+        let line =
+            format!("vextrus_saga_compensations_total{{saga_type=\"traced\",step=\"{step}\"}} 1");
+        assert!(metrics.contains(&line), "{line} missing from\n{metrics}");
+    }
     let tree = Tree::new(spans);
     check_one_trace(&tree);
     // reserve (remote) and validate (local) are compensated, in that order,

@@ -350,6 +350,21 @@ impl<S: SagaStore> Orchestrator<S> {
                 ReplyOutcome::RetryableFailure(r) => Outcome::Retryable(r.clone()),
                 ReplyOutcome::BusinessFailure(r) => Outcome::Business(r.clone()),
             };
+            if reply.kind == StepKind::Action {
+                let sent = inst.progress.in_flight.as_ref().and_then(|f| f.started_at);
+                if let Some(sent) = sent {
+                    vextrus_telemetry::record::saga_step(
+                        &inst.saga_type,
+                        def.steps().get(reply.step).map_or("?", |s| s.name.as_str()),
+                        (chrono::Utc::now() - sent).to_std().unwrap_or_default(),
+                        if matches!(outcome, Outcome::Success(_)) {
+                            vextrus_telemetry::Outcome::Ok
+                        } else {
+                            vextrus_telemetry::Outcome::Error
+                        },
+                    );
+                }
+            }
             self.apply_outcome(
                 &*def, &inst, token, reply.step, reply.kind, attempt, outcome,
             )
@@ -600,6 +615,7 @@ impl<S: SagaStore> Orchestrator<S> {
                         kind,
                         attempt,
                         message_id: Some(message_id),
+                        started_at: Some(chrono::Utc::now()),
                     });
                     t.commands.push(SagaCommand {
                         message_id,
@@ -626,6 +642,7 @@ impl<S: SagaStore> Orchestrator<S> {
                         kind,
                         attempt,
                         message_id: None,
+                        started_at: None,
                     });
                     t.lease = LeaseUpdate::Extend(info.timeout + self.config.lease);
                     let started = self.store.commit(t).instrument(span.clone()).await?;

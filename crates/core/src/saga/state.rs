@@ -187,6 +187,11 @@ pub struct InFlight {
     pub attempt: u32,
     /// The id of the command message sent (remote steps only).
     pub message_id: Option<Uuid>,
+    /// When the starting worker sent it, by that worker's clock: only for
+    /// the step-latency metric (`vextrus_saga_step_seconds`), never for a
+    /// decision — timers and leases use the store's clock.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<DateTime<Utc>>,
 }
 
 /// How far a saga has got. Stored with the instance and replaced as a whole
