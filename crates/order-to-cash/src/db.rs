@@ -61,6 +61,8 @@ pub enum Durability {
 pub struct Database {
     pool: AnyPool,
     backend: Backend,
+    url: String,
+    durability: Durability,
     writer: Arc<tokio::sync::Mutex<()>>,
     _temp: Option<Arc<tempfile::TempDir>>,
 }
@@ -130,6 +132,8 @@ impl Database {
         Ok(Self {
             pool,
             backend,
+            url: url.to_owned(),
+            durability,
             writer: Arc::new(tokio::sync::Mutex::new(())),
             _temp: None,
         })
@@ -157,6 +161,16 @@ impl Database {
     /// Which database this is.
     pub fn backend(&self) -> Backend {
         self.backend
+    }
+
+    /// The URL it was opened with.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The durability it was opened with (SQLite's `synchronous`).
+    pub fn durability(&self) -> Durability {
+        self.durability
     }
 
     /// The pool (for reads and a service's own queries).

@@ -18,11 +18,11 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteSynchronous};
+use vextrus_core::outbox::InMemoryOutbox;
 use vextrus_core::saga::{
     HistoryKind, InMemorySagaStore, Orchestrator, OrchestratorConfig, SagaId, SagaRegistry,
     SagaState as EngineState, SagaStore,
 };
-use vextrus_core::transport::InProcessTransport;
 use vextrus_core::{EventAppender, EventReader, SnapshotStore};
 use vextrus_kernel::{AggregateId, CommandContext, Currency, HasErrorKind, Money, Quantity, Sku};
 use vextrus_postgres::PgEventStore;
@@ -34,10 +34,15 @@ use crate::error::{Error, Result};
 use crate::faults::{FaultConfig, FaultInjector, InjectedCounts};
 use crate::invariants::{InvariantReport, SagaRecord, SagaState, SystemSnapshot, check};
 use crate::inventory::{Inventory, StockLine};
+use crate::node::{
+    Broker, BrokerUrl, InProcessBroker, KafkaBroker, NatsBroker, Role, RunningParticipant,
+    start_orchestrator, start_participant,
+};
+use crate::participant::{Participant, ReplyOutbox, ServeConfig};
 use crate::payment::Payment;
 use crate::saga::{
     ACCOUNTING, INVENTORY, OrderToCashData, PAYMENT, REPLIES, SAGA_TYPE, SHIPPING, STEPS,
-    StepPolicy, definition, relay_commands, serve_participant, serve_replies,
+    StepPolicy, definition,
 };
 use crate::sales::{OrderCommand, OrderLine, Sales};
 use crate::shipping::Shipping;
@@ -76,6 +81,15 @@ pub struct DemoConfig {
     pub forced_failures: Vec<String>,
     /// Whether the report carries every saga's timeline.
     pub keep_timelines: bool,
+    /// The broker: `None` (in this process), `nats://host:port` or
+    /// `kafka://host:port` (see [`BrokerUrl`]).
+    pub broker: Option<String>,
+    /// The namespace of the broker's destinations; processes of one system
+    /// share it. `None`: a fresh one per run (so runs never mix).
+    pub namespace: Option<String>,
+    /// When set, the participants are not started here: they run elsewhere
+    /// (`vextrus serve --role ...`) on the same databases and broker.
+    pub remote_participants: bool,
 }
 
 impl Default for DemoConfig {
@@ -96,6 +110,9 @@ impl Default for DemoConfig {
             deadline: Duration::from_secs(300),
             forced_failures: Vec::new(),
             keep_timelines: false,
+            broker: None,
+            namespace: None,
+            remote_participants: false,
         }
     }
 }
@@ -262,6 +279,9 @@ struct System<S> {
     payment: Arc<Payment>,
     shipping: Arc<Shipping>,
     accounting: Arc<Accounting>,
+    /// Each participant's reply outbox, in the order inventory, payment,
+    /// shipping, accounting.
+    outboxes: Vec<ReplyOutbox>,
 }
 
 fn store_error(e: vextrus_core::EventStoreError) -> Error {
@@ -269,12 +289,79 @@ fn store_error(e: vextrus_core::EventStoreError) -> Error {
 }
 
 impl<S> System<S> {
-    async fn migrate(&self) -> Result<()> {
+    async fn migrate(&mut self) -> Result<()> {
         self.inventory.migrate().await?;
         self.payment.migrate().await?;
         self.shipping.migrate().await?;
         self.accounting.migrate().await?;
+        for db in [
+            self.inventory.database(),
+            self.payment.database(),
+            self.shipping.database(),
+            self.accounting.database(),
+        ] {
+            self.outboxes.push(ReplyOutbox::open(db).await?);
+        }
         Ok(())
+    }
+
+    /// Starts the participants `role` runs on `broker`.
+    async fn start_participants<B: Broker>(
+        &self,
+        broker: &B,
+        role: Role,
+    ) -> Result<Vec<RunningParticipant>> {
+        let serve = ServeConfig::default();
+        let mut running = Vec::new();
+        if role.runs(Role::Inventory) {
+            running.push(
+                start_participant(
+                    broker,
+                    self.inventory.clone(),
+                    &self.outboxes[0],
+                    INVENTORY,
+                    serve,
+                )
+                .await?,
+            );
+        }
+        if role.runs(Role::Payment) {
+            running.push(
+                start_participant(
+                    broker,
+                    self.payment.clone(),
+                    &self.outboxes[1],
+                    PAYMENT,
+                    serve,
+                )
+                .await?,
+            );
+        }
+        if role.runs(Role::Shipping) {
+            running.push(
+                start_participant(
+                    broker,
+                    self.shipping.clone(),
+                    &self.outboxes[2],
+                    SHIPPING,
+                    serve,
+                )
+                .await?,
+            );
+        }
+        if role.runs(Role::Accounting) {
+            running.push(
+                start_participant(
+                    broker,
+                    self.accounting.clone(),
+                    &self.outboxes[3],
+                    ACCOUNTING,
+                    serve,
+                )
+                .await?,
+            );
+        }
+        Ok(running)
     }
 }
 
@@ -282,12 +369,13 @@ async fn build_postgres(url: &str, faults: Arc<FaultInjector>) -> Result<System<
     let store = PgEventStore::connect(url).await.map_err(store_error)?;
     store.migrate().await.map_err(store_error)?;
     let db = Database::connect_with(url, Durability::Full, 16).await?;
-    let system = System {
+    let mut system = System {
         sales: Arc::new(Sales::new(store)),
         inventory: Arc::new(Inventory::new(db.clone(), faults.clone())),
         payment: Arc::new(Payment::new(db.clone(), faults.clone())),
         shipping: Arc::new(Shipping::new(db.clone(), faults.clone())),
         accounting: Arc::new(Accounting::new(db, faults)),
+        outboxes: Vec::new(),
     };
     system.migrate().await?;
     Ok(system)
@@ -312,12 +400,13 @@ async fn build_sqlite(
         let path = db(name);
         async move { Database::sqlite_file(&path, Durability::Normal).await }
     };
-    let system = System {
+    let mut system = System {
         sales: Arc::new(Sales::new(store)),
         inventory: Arc::new(Inventory::new(open("inventory").await?, faults.clone())),
         payment: Arc::new(Payment::new(open("payment").await?, faults.clone())),
         shipping: Arc::new(Shipping::new(open("shipping").await?, faults.clone())),
         accounting: Arc::new(Accounting::new(open("accounting").await?, faults)),
+        outboxes: Vec::new(),
     };
     system.migrate().await?;
     Ok(system)
@@ -366,9 +455,10 @@ pub async fn run_demo(config: DemoConfig, progress: Option<ProgressFn>) -> Resul
         injector = injector.force_failure(command_type.clone());
     }
     let faults = Arc::new(injector);
+    let broker = BrokerUrl::parse(config.broker.as_deref())?;
     if let Some(url) = &config.database_url {
         let system = build_postgres(url, faults.clone()).await?;
-        return drive(config, system, faults, progress).await;
+        return on_broker(config, system, faults, progress, broker).await;
     }
     let temp;
     let dir = match &config.data_dir {
@@ -388,17 +478,58 @@ pub async fn run_demo(config: DemoConfig, progress: Option<ProgressFn>) -> Resul
         }
     };
     let system = build_sqlite(&dir, faults.clone()).await?;
-    drive(config, system, faults, progress).await
+    on_broker(config, system, faults, progress, broker).await
 }
 
-async fn drive<S>(
+/// A fresh namespace for a run that was given none.
+fn namespace(config: &DemoConfig) -> String {
+    config
+        .namespace
+        .clone()
+        .unwrap_or_else(|| format!("o2c-{}", uuid::Uuid::now_v7().simple()))
+}
+
+async fn on_broker<S>(
     config: DemoConfig,
     system: System<S>,
     faults: Arc<FaultInjector>,
     progress: Option<ProgressFn>,
+    broker: BrokerUrl,
 ) -> Result<DemoReport>
 where
     S: EventAppender + EventReader + SnapshotStore + Send + Sync + 'static,
+{
+    match broker {
+        BrokerUrl::InProcess => {
+            if config.remote_participants {
+                return Err(Error::invalid(
+                    "broker",
+                    "participants in other processes need a real broker (nats:// or kafka://)",
+                ));
+            }
+            drive(config, system, faults, progress, InProcessBroker::new()).await
+        }
+        BrokerUrl::Nats(url) => {
+            let broker = NatsBroker::connect(&url, &namespace(&config)).await?;
+            drive(config, system, faults, progress, broker).await
+        }
+        BrokerUrl::Kafka(brokers) => {
+            let broker = KafkaBroker::connect(&brokers, &namespace(&config)).await?;
+            drive(config, system, faults, progress, broker).await
+        }
+    }
+}
+
+async fn drive<S, B>(
+    config: DemoConfig,
+    system: System<S>,
+    faults: Arc<FaultInjector>,
+    progress: Option<ProgressFn>,
+    broker: B,
+) -> Result<DemoReport>
+where
+    S: EventAppender + EventReader + SnapshotStore + Send + Sync + 'static,
+    B: Broker,
 {
     // Order ids are derived from the seed, so a store that already holds
     // this seed's orders cannot be reused: say so instead of mixing runs.
@@ -434,7 +565,11 @@ where
         }
     }
 
-    let store = InMemorySagaStore::new();
+    // The saga store writes each transition's command into its outbox in
+    // the same commit; a relay publishes them, the reply inbox takes the
+    // participants' replies.
+    let outbox = InMemoryOutbox::new();
+    let store = InMemorySagaStore::with_outbox(outbox.clone(), REPLIES);
     let registry = SagaRegistry::new();
     registry
         .register(definition(
@@ -443,28 +578,11 @@ where
             config.policy,
         ))
         .map_err(saga_error)?;
-    let transport = InProcessTransport::new();
-    for d in [INVENTORY, PAYMENT, SHIPPING, ACCOUNTING, REPLIES] {
-        transport.declare(d);
-    }
-    let redeliver = Duration::from_millis(20);
-    let mut tasks = Vec::new();
-    tasks.push(tokio::spawn({
-        let (p, t) = (system.inventory.clone(), transport.clone());
-        async move { serve_participant(p, t, INVENTORY, redeliver).await }
-    }));
-    tasks.push(tokio::spawn({
-        let (p, t) = (system.payment.clone(), transport.clone());
-        async move { serve_participant(p, t, PAYMENT, redeliver).await }
-    }));
-    tasks.push(tokio::spawn({
-        let (p, t) = (system.shipping.clone(), transport.clone());
-        async move { serve_participant(p, t, SHIPPING, redeliver).await }
-    }));
-    tasks.push(tokio::spawn({
-        let (p, t) = (system.accounting.clone(), transport.clone());
-        async move { serve_participant(p, t, ACCOUNTING, redeliver).await }
-    }));
+    let participants = if config.remote_participants {
+        Vec::new()
+    } else {
+        system.start_participants(&broker, Role::All).await?
+    };
     let orchestrators: Vec<Orchestrator<InMemorySagaStore>> = (0..config.workers)
         .map(|i| {
             let mut c = OrchestratorConfig::worker(format!("demo-worker-{i}"));
@@ -473,25 +591,8 @@ where
             Orchestrator::with_config(store.clone(), registry.clone(), c)
         })
         .collect();
-    tasks.push(tokio::spawn({
-        let (o, t) = (orchestrators[0].clone(), transport.clone());
-        async move { serve_replies(o, t, Duration::from_millis(5)).await }
-    }));
-    let relay = tokio::spawn({
-        let (s, t) = (store.clone(), transport.clone());
-        async move {
-            loop {
-                match relay_commands(&s, &t, 1024).await {
-                    Ok(0) => tokio::time::sleep(Duration::from_millis(1)).await,
-                    Ok(_) => {}
-                    Err(e) => {
-                        tracing::warn!(error = %e, "relaying saga commands failed");
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                    }
-                }
-            }
-        }
-    });
+    let transport_side =
+        start_orchestrator(&broker, orchestrators[0].clone(), outbox.clone()).await?;
     let stop = Arc::new(tokio::sync::Notify::new());
     let workers: Vec<_> = orchestrators
         .iter()
@@ -605,9 +706,9 @@ where
     for w in workers {
         w.abort();
     }
-    relay.abort();
-    for t in tasks {
-        t.abort();
+    transport_side.stop().await?;
+    for p in participants {
+        p.stop().await?;
     }
 
     // Outcomes and latencies.

@@ -105,6 +105,15 @@ pub enum Error {
         /// What was wrong.
         reason: String,
     },
+    /// The outbox, the inbox or a relay failed.
+    #[error("outbox: {0}")]
+    Outbox(#[from] vextrus_core::outbox::OutboxError),
+    /// A broker failed (connecting, declaring, publishing, receiving).
+    #[error("transport: {0}")]
+    Transport(#[from] vextrus_core::transport::TransportError),
+    /// The saga engine or its store failed.
+    #[error("saga: {0}")]
+    Saga(#[from] vextrus_core::saga::SagaError),
 }
 
 impl Error {
@@ -138,6 +147,9 @@ impl HasErrorKind for Error {
             Error::KeyReused { .. } => ErrorKind::Conflict,
             Error::NotFound { .. } => ErrorKind::NotFound,
             Error::Corrupt { .. } => ErrorKind::Fatal,
+            Error::Outbox(e) => e.kind(),
+            Error::Transport(e) => e.kind(),
+            Error::Saga(e) => e.kind(),
         }
     }
 }

@@ -33,9 +33,12 @@
 //! engine: validate order -> reserve inventory -> authorize payment ->
 //! create shipment -> dispatch stock -> capture payment -> post invoice ->
 //! complete, each completed step compensated in reverse order when a later
-//! one fails. Remote steps reach the participants over a transport
-//! ([`saga::relay_commands`], [`saga::serve_participant`],
-//! [`saga::serve_replies`]).
+//! one fails. Remote steps are commands through the orchestrator's outbox;
+//! each participant handles a command in one transaction with its inbox
+//! entry and its reply, which goes out through the participant's own outbox
+//! ([`participant::deliver`], [`participant::serve`]); the orchestrator
+//! takes replies through its inbox. [`node`] runs any part (or all of them)
+//! over the in-process broker, NATS JetStream or Kafka.
 //!
 //! ## Failure injection and invariants
 //!
@@ -63,6 +66,7 @@ pub mod error;
 pub mod faults;
 pub mod invariants;
 pub mod inventory;
+pub mod node;
 pub mod participant;
 pub mod payment;
 pub mod saga;

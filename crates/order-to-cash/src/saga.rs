@@ -1,5 +1,4 @@
-//! The `order_to_cash` saga definition, and the glue that connects the
-//! participants to the orchestrator over a transport.
+//! The `order_to_cash` saga definition and its destinations.
 //!
 //! | # | step | kind | action | compensation |
 //! |---|---|---|---|---|
@@ -14,11 +13,14 @@
 //!
 //! Sales runs in the orchestrator's process (the order service owns its
 //! saga), so its steps are local; the other four participants are remote:
-//! the orchestrator queues a [`SagaCommand`] in its outbox, a relay
-//! publishes it to the participant's destination, the participant handles it
-//! under the command's idempotency key (one transaction: effect + key +
-//! stored reply) and publishes a [`SagaReply`], which the orchestrator takes
-//! through its inbox ([`Orchestrator::handle_reply`]).
+//! the orchestrator's saga store queues a `SagaCommand` in its outbox in the
+//! transition's commit, a relay publishes it to the participant's
+//! destination, the participant handles it in one transaction of its own
+//! database (inbox entry + effect + idempotency key + stored reply + the
+//! `SagaReply` in its outbox: [`crate::participant::deliver`]), its relay
+//! publishes the reply to [`REPLIES`], and the orchestrator takes it through
+//! its inbox (`vextrus_core::saga::SagaReplyHandler`). [`crate::node`] runs
+//! these parts, alone or together, over any broker.
 //!
 //! Every compensation accepts "nothing to undo", so the compensation of a
 //! step whose reply was lost (a timeout) is always safe.
@@ -29,21 +31,15 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use vextrus_core::saga::{
-    Action, Orchestrator, RemoteCommand, ReplyOutcome, SagaCommand, SagaCommandOutbox,
-    SagaDefinition, SagaError, SagaReply, SagaStore, Step, StepContext, StepOutcome, StepRetry,
-};
-use vextrus_core::transport::{
-    InProcessTransport, MessageDelivery, MessageId, MessageSource, OutboundMessage, Transport,
+    Action, RemoteCommand, SagaDefinition, Step, StepContext, StepOutcome, StepRetry,
 };
 use vextrus_core::{EventAppender, EventReader, SnapshotStore};
 use vextrus_kernel::{AggregateId, CommandContext, HasErrorKind, Money};
 
 use crate::accounting::AccountingCommand;
-use crate::db::IdempotencyKey;
 use crate::error::Error;
 use crate::faults::FaultInjector;
 use crate::inventory::{InventoryCommand, StockLine};
-use crate::participant::Participant;
 use crate::payment::PaymentCommand;
 use crate::sales::{OrderCommand, OrderError, Sales};
 use crate::shipping::ShippingCommand;
@@ -439,189 +435,4 @@ where
             )),
         )
         .step(step(STEPS[7], complete))
-}
-
-/// Publishes the orchestrator's queued commands to the transport, oldest
-/// first, marking them sent only after the transport confirmed them.
-/// Returns how many it published.
-pub async fn relay_commands<O, T>(
-    outbox: &O,
-    transport: &T,
-    limit: usize,
-) -> Result<usize, SagaError>
-where
-    O: SagaCommandOutbox,
-    T: Transport,
-{
-    let commands = outbox.pending_commands(limit).await?;
-    if commands.is_empty() {
-        return Ok(0);
-    }
-    let messages: Vec<OutboundMessage> = commands
-        .iter()
-        .map(|c| {
-            let mut m = OutboundMessage::new(
-                c.destination.clone(),
-                c.saga_id.as_uuid().to_string(),
-                serde_json::to_vec(c).unwrap_or_default(),
-            );
-            m.id = MessageId(c.message_id);
-            m
-        })
-        .collect();
-    let results = transport.publish_batch(&messages).await;
-    let sent: Vec<uuid::Uuid> = commands
-        .iter()
-        .zip(&results)
-        .filter(|(_, r)| r.is_ok())
-        .map(|(c, _)| c.message_id)
-        .collect();
-    for (c, r) in commands.iter().zip(&results) {
-        if let Err(e) = r {
-            tracing::warn!(destination = %c.destination, error = %e, "publishing a saga command failed");
-        }
-    }
-    outbox.mark_sent(&sent).await?;
-    Ok(sent.len())
-}
-
-/// What a participant does with one delivered command.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Handled {
-    /// Answer with this reply.
-    Reply(SagaReply),
-    /// The handler failed before commit (crash, database busy): redeliver.
-    Redeliver(String),
-}
-
-/// Runs one saga command against `participant` and says how to answer.
-///
-/// A decoded command runs under its idempotency key. A business-failure
-/// reply becomes [`ReplyOutcome::BusinessFailure`]; a transient error
-/// (injected crash, busy database) asks for redelivery; any other error (a
-/// command that cannot apply, a malformed payload) is a business failure,
-/// since no retry would mend it.
-pub async fn handle_command<P: Participant>(participant: &P, command: &SagaCommand) -> Handled {
-    let decoded = serde_json::from_value::<P::Command>(command.payload.clone())
-        .map_err(|e| format!("malformed {} command: {e}", command.command_type))
-        .and_then(|c| {
-            IdempotencyKey::new(command.idempotency_key.clone())
-                .map(|k| (k, c))
-                .map_err(|e| e.to_string())
-        });
-    let (key, cmd) = match decoded {
-        Ok(v) => v,
-        Err(e) => return Handled::Reply(command.reply(ReplyOutcome::BusinessFailure(e))),
-    };
-    if participant.faults().forces(&command.command_type) {
-        return Handled::Reply(command.reply(ReplyOutcome::BusinessFailure(format!(
-            "{} failed (forced)",
-            command.command_type
-        ))));
-    }
-    match participant.handle(&key, &cmd).await {
-        Ok(reply) => {
-            let outcome = match P::business_failure(&reply) {
-                Some(reason) => ReplyOutcome::BusinessFailure(reason),
-                None => ReplyOutcome::Success(serde_json::to_value(&reply).unwrap_or(Value::Null)),
-            };
-            Handled::Reply(command.reply(outcome))
-        }
-        Err(e) if e.kind().is_retryable() => Handled::Redeliver(e.to_string()),
-        Err(e) => Handled::Reply(command.reply(ReplyOutcome::BusinessFailure(e.to_string()))),
-    }
-}
-
-/// Serves `participant` on `destination` of an in-process transport until
-/// the task is dropped: each command is handled on its own task, and its
-/// reply published to [`REPLIES`] before the command is acknowledged; a
-/// command whose handler failed before commit is redelivered after
-/// `redeliver_after`.
-pub async fn serve_participant<P>(
-    participant: Arc<P>,
-    transport: InProcessTransport,
-    destination: &str,
-    redeliver_after: Duration,
-) -> Result<(), vextrus_core::transport::TransportError>
-where
-    P: Participant + 'static,
-{
-    let mut source = transport.subscribe(destination)?;
-    while let Some(delivery) = source.next().await? {
-        let participant = participant.clone();
-        let transport = transport.clone();
-        tokio::spawn(async move {
-            let command: SagaCommand = match serde_json::from_slice(&delivery.message().payload) {
-                Ok(c) => c,
-                Err(e) => {
-                    // Poison: nothing to reply to. Drop it (acknowledged).
-                    tracing::error!(error = %e, "undecodable saga command dropped");
-                    let _ = delivery.ack().await;
-                    return;
-                }
-            };
-            match handle_command(&*participant, &command).await {
-                Handled::Reply(reply) => {
-                    let mut m = OutboundMessage::new(
-                        REPLIES,
-                        reply.saga_id.as_uuid().to_string(),
-                        serde_json::to_vec(&reply).unwrap_or_default(),
-                    );
-                    m.id = MessageId(reply.message_id);
-                    match transport.publish(&m).await {
-                        Ok(()) => {
-                            let _ = delivery.ack().await;
-                        }
-                        Err(_) => {
-                            let _ = delivery.nack(redeliver_after).await;
-                        }
-                    }
-                }
-                Handled::Redeliver(_) => {
-                    let _ = delivery.nack(redeliver_after).await;
-                }
-            }
-        });
-    }
-    Ok(())
-}
-
-/// Feeds replies from [`REPLIES`] into the orchestrator until the task is
-/// dropped. A reply the orchestrator cannot take now (another worker holds
-/// the saga's lease) is redelivered after `redeliver_after`.
-pub async fn serve_replies<S>(
-    orchestrator: Orchestrator<S>,
-    transport: InProcessTransport,
-    redeliver_after: Duration,
-) -> Result<(), vextrus_core::transport::TransportError>
-where
-    S: SagaStore + Clone + 'static,
-{
-    let mut source = transport.subscribe(REPLIES)?;
-    while let Some(delivery) = source.next().await? {
-        let orchestrator = orchestrator.clone();
-        tokio::spawn(async move {
-            let reply: SagaReply = match serde_json::from_slice(&delivery.message().payload) {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::error!(error = %e, "undecodable saga reply dropped");
-                    let _ = delivery.ack().await;
-                    return;
-                }
-            };
-            match orchestrator.handle_reply(&reply).await {
-                Ok(_) | Err(SagaError::DuplicateMessage(_)) => {
-                    let _ = delivery.ack().await;
-                }
-                Err(e) if e.kind().is_retryable() || matches!(e, SagaError::Fenced { .. }) => {
-                    let _ = delivery.nack(redeliver_after).await;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, saga = %reply.saga_id.as_uuid(), "saga reply not applied");
-                    let _ = delivery.ack().await;
-                }
-            }
-        });
-    }
-    Ok(())
 }

@@ -1,0 +1,468 @@
+//! Running the parts of order-to-cash over a broker: the roles, the brokers
+//! and the pieces each role starts.
+//!
+//! | role | what runs |
+//! |---|---|
+//! | `orchestrator` | Sales (local steps), the saga workers, the relay of the saga store's outbox (commands) and the reply inbox ([`InboxConsumer`] + [`SagaReplyHandler`]) |
+//! | `inventory`, `payment`, `shipping`, `accounting` | the participant's serving loop ([`participant::serve`]) and the relay of its own outbox (replies) |
+//! | `all` | every role, in one process |
+//!
+//! A [`Broker`] gives a role its [`Transport`] and its [`MessageSource`]s:
+//! [`InProcessBroker`] (one process), [`NatsBroker`] (JetStream; one stream
+//! per namespace covering every destination) or [`KafkaBroker`] (one topic
+//! per destination). On the real brokers every destination is prefixed by a
+//! namespace ([`Namespaced`]), so runs sharing a broker never see each
+//! other's messages.
+
+use std::future::Future;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::task::JoinHandle;
+use vextrus_core::inbox::{InboxConfig, InboxConsumer, InboxStore};
+use vextrus_core::outbox::{
+    Backoff, DeadLetters, OutboxClaimer, OutboxRelay, OutboxStore, RelayConfig, RelayHandle,
+};
+use vextrus_core::saga::{Orchestrator, SagaReplyHandler, SagaStore};
+use vextrus_core::transport::{
+    InProcessSubscription, InProcessTransport, MessageDelivery, MessageSource, OutboundMessage,
+    Transport, TransportError,
+};
+use vextrus_core::unit_of_work::UnitOfWork;
+
+use crate::error::{Error, Result};
+use crate::participant::{self, Participant, ReplyOutbox, ServeConfig};
+use crate::saga::{ACCOUNTING, INVENTORY, PAYMENT, REPLIES, SHIPPING};
+
+/// Every destination of the order-to-cash system.
+pub const DESTINATIONS: [&str; 5] = [INVENTORY, PAYMENT, SHIPPING, ACCOUNTING, REPLIES];
+
+/// The orchestrator's inbox consumer name.
+pub const ORCHESTRATOR_CONSUMER: &str = "orchestrator";
+
+/// One part of the system, as `vextrus serve --role` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Sales, the saga workers, the command relay and the reply inbox.
+    Orchestrator,
+    /// The inventory participant and its reply relay.
+    Inventory,
+    /// The payment participant and its reply relay.
+    Payment,
+    /// The shipping participant and its reply relay.
+    Shipping,
+    /// The accounting participant and its reply relay.
+    Accounting,
+    /// Everything, in one process.
+    All,
+}
+
+impl Role {
+    /// Whether this role runs `part` (`All` runs everything).
+    pub fn runs(self, part: Role) -> bool {
+        self == Role::All || self == part
+    }
+
+    /// The role's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Orchestrator => "orchestrator",
+            Role::Inventory => "inventory",
+            Role::Payment => "payment",
+            Role::Shipping => "shipping",
+            Role::Accounting => "accounting",
+            Role::All => "all",
+        }
+    }
+}
+
+impl FromStr for Role {
+    type Err = Error;
+
+    /// Parses a role name (`sales` is the orchestrator: Sales runs with it).
+    ///
+    /// ```
+    /// use vextrus_order_to_cash::node::Role;
+    /// assert_eq!("payment".parse::<Role>().unwrap(), Role::Payment);
+    /// assert_eq!("sales".parse::<Role>().unwrap(), Role::Orchestrator);
+    /// assert!("billing".parse::<Role>().is_err());
+    /// ```
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "orchestrator" | "sales" => Role::Orchestrator,
+            "inventory" => Role::Inventory,
+            "payment" => Role::Payment,
+            "shipping" => Role::Shipping,
+            "accounting" => Role::Accounting,
+            "all" => Role::All,
+            other => {
+                return Err(Error::invalid(
+                    "role",
+                    format!(
+                        "{other:?}: expected orchestrator, sales, inventory, payment, shipping, accounting or all"
+                    ),
+                ));
+            }
+        })
+    }
+}
+
+/// Which broker a URL names.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BrokerUrl {
+    /// In this process (no URL, or `inprocess:`).
+    InProcess,
+    /// NATS JetStream at this `nats://host:port` URL.
+    Nats(String),
+    /// Kafka at these bootstrap servers (`kafka://host:port[,host:port]`).
+    Kafka(String),
+}
+
+impl BrokerUrl {
+    /// Parses a broker URL; `None` is the in-process broker.
+    ///
+    /// ```
+    /// use vextrus_order_to_cash::node::BrokerUrl;
+    /// assert_eq!(BrokerUrl::parse(None).unwrap(), BrokerUrl::InProcess);
+    /// assert_eq!(BrokerUrl::parse(Some("kafka://127.0.0.1:9092")).unwrap(), BrokerUrl::Kafka("127.0.0.1:9092".into()));
+    /// assert!(matches!(BrokerUrl::parse(Some("nats://127.0.0.1:4222")).unwrap(), BrokerUrl::Nats(_)));
+    /// assert!(BrokerUrl::parse(Some("amqp://x")).is_err());
+    /// ```
+    pub fn parse(url: Option<&str>) -> Result<Self> {
+        match url {
+            None | Some("inprocess:") | Some("inprocess") => Ok(BrokerUrl::InProcess),
+            Some(u) if u.starts_with("nats://") => Ok(BrokerUrl::Nats(u.to_owned())),
+            Some(u) if u.starts_with("kafka://") => {
+                let brokers = u.trim_start_matches("kafka://").trim_end_matches('/');
+                if brokers.is_empty() {
+                    return Err(Error::invalid("broker url", "kafka:// names no server"));
+                }
+                Ok(BrokerUrl::Kafka(brokers.to_owned()))
+            }
+            Some(other) => Err(Error::invalid(
+                "broker url",
+                format!("{other:?}: expected nats://host:port or kafka://host:port"),
+            )),
+        }
+    }
+}
+
+/// What a role needs from a broker: a transport to publish with, and a
+/// source per (destination, consumer).
+pub trait Broker: Clone + Send + Sync + 'static {
+    /// The transport relays publish with.
+    type Transport: Transport + Clone + 'static;
+    /// One delivery.
+    type Delivery: MessageDelivery + Sync + 'static;
+    /// A subscription.
+    type Source: MessageSource<Delivery = Self::Delivery> + Sync + 'static;
+
+    /// The transport.
+    fn transport(&self) -> Self::Transport;
+
+    /// A durable subscription of `consumer` to `destination`: every message
+    /// published there is delivered to one of the consumer's subscriptions,
+    /// and redelivered until acknowledged.
+    fn subscribe(
+        &self,
+        destination: &str,
+        consumer: &str,
+    ) -> impl Future<Output = Result<Self::Source>> + Send;
+}
+
+/// The broker of a single process.
+#[derive(Debug, Clone, Default)]
+pub struct InProcessBroker {
+    transport: InProcessTransport,
+}
+
+impl InProcessBroker {
+    /// A broker with every o2c destination declared.
+    pub fn new() -> Self {
+        let transport = InProcessTransport::new();
+        for d in DESTINATIONS {
+            transport.declare(d);
+        }
+        Self { transport }
+    }
+}
+
+impl Broker for InProcessBroker {
+    type Transport = InProcessTransport;
+    type Delivery = <InProcessSubscription as MessageSource>::Delivery;
+    type Source = InProcessSubscription;
+
+    fn transport(&self) -> InProcessTransport {
+        self.transport.clone()
+    }
+
+    async fn subscribe(&self, destination: &str, _consumer: &str) -> Result<InProcessSubscription> {
+        Ok(self.transport.subscribe(destination)?)
+    }
+}
+
+/// A transport that publishes `d` to `{namespace}.{d}`.
+#[derive(Debug, Clone)]
+pub struct Namespaced<T> {
+    inner: T,
+    namespace: String,
+}
+
+impl<T> Namespaced<T> {
+    /// Wraps `inner`.
+    pub fn new(inner: T, namespace: impl Into<String>) -> Self {
+        Self {
+            inner,
+            namespace: namespace.into(),
+        }
+    }
+
+    /// The namespaced name of `destination`.
+    pub fn name(&self, destination: &str) -> String {
+        format!("{}.{destination}", self.namespace)
+    }
+
+    fn rename(&self, message: &OutboundMessage) -> OutboundMessage {
+        let mut m = message.clone();
+        m.destination = self.name(&message.destination);
+        m
+    }
+}
+
+impl<T: Transport> Transport for Namespaced<T> {
+    async fn publish(&self, message: &OutboundMessage) -> Result<(), TransportError> {
+        self.inner.publish(&self.rename(message)).await
+    }
+
+    async fn publish_batch(&self, messages: &[OutboundMessage]) -> Vec<Result<(), TransportError>> {
+        let renamed: Vec<_> = messages.iter().map(|m| self.rename(m)).collect();
+        self.inner.publish_batch(&renamed).await
+    }
+}
+
+fn transport_error(e: impl std::fmt::Display) -> Error {
+    Error::Transport(TransportError::Unavailable(e.to_string()))
+}
+
+/// NATS JetStream: one stream `O2C_{namespace}` over `{namespace}.o2c.>`,
+/// one durable pull consumer per (destination, consumer).
+#[derive(Debug, Clone)]
+pub struct NatsBroker {
+    transport: Namespaced<vextrus_nats::JetStreamTransport>,
+    stream: String,
+}
+
+impl NatsBroker {
+    /// Connects to `url` and creates (or updates) the namespace's stream.
+    pub async fn connect(url: &str, namespace: &str) -> Result<Self> {
+        let stream = format!("O2C_{}", namespace.replace(['.', '-', '*', '>'], "_"));
+        let config = vextrus_nats::JetStreamConfig::new(url)
+            .with_stream(
+                vextrus_nats::StreamSpec::new(stream.clone(), [format!("{namespace}.o2c.>")])
+                    .with_max_age(Duration::from_secs(24 * 3600)),
+            )
+            .with_publish_timeout(Duration::from_secs(10));
+        let transport = vextrus_nats::JetStreamTransport::connect(config)
+            .await
+            .map_err(transport_error)?;
+        Ok(Self {
+            transport: Namespaced::new(transport, namespace),
+            stream,
+        })
+    }
+}
+
+impl Broker for NatsBroker {
+    type Transport = Namespaced<vextrus_nats::JetStreamTransport>;
+    type Delivery = vextrus_nats::Delivery;
+    type Source = vextrus_nats::JetStreamSource;
+
+    fn transport(&self) -> Self::Transport {
+        self.transport.clone()
+    }
+
+    async fn subscribe(&self, destination: &str, consumer: &str) -> Result<Self::Source> {
+        let subject = self.transport.name(destination);
+        let durable = format!("{consumer}-{}", destination.replace('.', "_"));
+        let spec = vextrus_nats::ConsumerSpec::new(self.stream.clone(), durable)
+            .with_filter_subject(subject)
+            .with_ack_wait(Duration::from_secs(30))
+            .with_max_deliver(10_000)
+            .with_max_ack_pending(4_096);
+        vextrus_nats::JetStreamSource::with_context(self.transport.inner.jetstream().clone(), spec)
+            .await
+            .map_err(transport_error)
+    }
+}
+
+/// Kafka: one topic per namespaced destination (created if missing), one
+/// consumer group per (namespace, consumer).
+#[derive(Debug, Clone)]
+pub struct KafkaBroker {
+    transport: Namespaced<vextrus_kafka::KafkaTransport>,
+    config: vextrus_kafka::KafkaConfig,
+}
+
+impl KafkaBroker {
+    /// Connects to `brokers` (`host:port[,host:port]`) and creates the
+    /// namespace's topics.
+    pub async fn connect(brokers: &str, namespace: &str) -> Result<Self> {
+        // One record per producer batch: a consumer that seeks back (a
+        // nack) into the middle of a stored batch waits on some
+        // Kafka-protocol brokers (see vextrus-kafka's docs).
+        let config = vextrus_kafka::KafkaConfig::new(brokers)
+            .with_client_id(format!("vextrus-o2c-{namespace}"))
+            .with_delivery_timeout(Duration::from_secs(20))
+            .with_metadata_timeout(Duration::from_secs(10))
+            .with_property("batch.num.messages", "1");
+        for d in DESTINATIONS {
+            vextrus_kafka::create_topic(&config, &format!("{namespace}.{d}"), 4)
+                .await
+                .map_err(transport_error)?;
+        }
+        let transport =
+            vextrus_kafka::KafkaTransport::new(config.clone()).map_err(transport_error)?;
+        Ok(Self {
+            transport: Namespaced::new(transport, namespace),
+            config,
+        })
+    }
+}
+
+impl Broker for KafkaBroker {
+    type Transport = Namespaced<vextrus_kafka::KafkaTransport>;
+    type Delivery = vextrus_kafka::Delivery;
+    type Source = vextrus_kafka::KafkaSource;
+
+    fn transport(&self) -> Self::Transport {
+        self.transport.clone()
+    }
+
+    async fn subscribe(&self, destination: &str, consumer: &str) -> Result<Self::Source> {
+        let topic = self.transport.name(destination);
+        let group = format!("{}.{consumer}", self.transport.namespace);
+        vextrus_kafka::KafkaSource::connect(
+            self.config.clone(),
+            vextrus_kafka::ConsumerSpec::new(group, [topic]),
+        )
+        .map_err(transport_error)
+    }
+}
+
+/// A running participant: its serving loop and its reply relay.
+#[derive(Debug)]
+pub struct RunningParticipant {
+    serve: JoinHandle<Result<()>>,
+    relay: RelayHandle,
+}
+
+impl RunningParticipant {
+    /// Stops the serving loop (unacknowledged deliveries come back) and the
+    /// relay (after its current batch).
+    pub async fn stop(self) -> Result<()> {
+        self.serve.abort();
+        self.relay.shutdown().await?;
+        Ok(())
+    }
+}
+
+/// The relay settings of the o2c roles: small batches published at once,
+/// short polls (a participant's replies are enqueued through its own SQL
+/// connection, so SQLite relays learn of them by polling), many attempts.
+pub fn relay_config(name: impl Into<String>) -> RelayConfig {
+    let mut c = RelayConfig::new(name);
+    c.batch_size = 256;
+    c.poll_interval = Duration::from_millis(5);
+    c.max_attempts = 1_000;
+    c.backoff = Backoff::new(Duration::from_millis(20), Duration::from_secs(2), 2.0);
+    c.lease = Duration::from_secs(30);
+    c
+}
+
+/// Starts `participant` on `broker`: its serving loop on `destination` and
+/// a relay of its reply outbox (`outbox`, opened on the participant's
+/// database).
+pub async fn start_participant<B, P>(
+    broker: &B,
+    participant: Arc<P>,
+    outbox: &ReplyOutbox,
+    destination: &str,
+    serve: ServeConfig,
+) -> Result<RunningParticipant>
+where
+    B: Broker,
+    P: Participant + 'static,
+{
+    let source = broker.subscribe(destination, P::NAME).await?;
+    let relay = outbox.spawn_relay(
+        broker.transport(),
+        relay_config(format!("{}-relay-{}", P::NAME, std::process::id())),
+    );
+    let serve = tokio::spawn(participant::serve(participant, source, serve));
+    Ok(RunningParticipant { serve, relay })
+}
+
+/// The orchestrator's transport side: the relay of the saga store's outbox
+/// (commands to participants) and the reply inbox.
+#[derive(Debug)]
+pub struct RunningOrchestrator {
+    relay: RelayHandle,
+    inbox: JoinHandle<u64>,
+    stop: tokio::sync::watch::Sender<bool>,
+}
+
+impl RunningOrchestrator {
+    /// Stops the relay and the reply inbox.
+    pub async fn stop(self) -> Result<()> {
+        let _ = self.stop.send(true);
+        let _ = self.inbox.await;
+        self.relay.shutdown().await?;
+        Ok(())
+    }
+}
+
+/// Starts the orchestrator's relay over `outbox` (where the saga store
+/// writes its commands) and its reply inbox: an [`InboxConsumer`] on
+/// `outbox`'s inbox, feeding [`REPLIES`] to `orchestrator` through
+/// [`SagaReplyHandler`]. The saga workers themselves run with
+/// [`Orchestrator::run`].
+pub async fn start_orchestrator<B, S, O>(
+    broker: &B,
+    orchestrator: Orchestrator<S>,
+    outbox: O,
+) -> Result<RunningOrchestrator>
+where
+    B: Broker,
+    S: SagaStore + Clone + Send + Sync + 'static,
+    O: OutboxStore + OutboxClaimer + DeadLetters + InboxStore + Clone + Send + Sync + 'static,
+    <O as UnitOfWork>::Transaction: Send,
+{
+    let relay = OutboxRelay::new(
+        outbox.clone(),
+        broker.transport(),
+        relay_config(format!("orchestrator-relay-{}", std::process::id())),
+    )
+    .spawn();
+    let source = broker.subscribe(REPLIES, ORCHESTRATOR_CONSUMER).await?;
+    let config = InboxConfig::new(ORCHESTRATOR_CONSUMER)
+        .max_attempts(10_000)
+        .backoff(Backoff::new(
+            Duration::from_millis(5),
+            Duration::from_millis(500),
+            2.0,
+        ));
+    let mut consumer =
+        InboxConsumer::new(outbox, source, SagaReplyHandler::new(orchestrator), config);
+    let (stop, mut stopped) = tokio::sync::watch::channel(false);
+    let inbox = tokio::spawn(async move {
+        consumer
+            .run_until(async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            })
+            .await
+    });
+    Ok(RunningOrchestrator { relay, inbox, stop })
+}
