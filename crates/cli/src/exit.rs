@@ -6,7 +6,7 @@
 //! | 0 | success |
 //! | 1 | any other failure (fatal, not found) |
 //! | 2 | command-line usage error (from clap) |
-//! | 3 | conflict: wrong expected version, duplicate |
+//! | 3 | conflict: wrong expected version, duplicate, not a dead letter, saga leased by a worker |
 //! | 4 | bad input: invalid stream id, malformed JSON or metadata, oversized payload |
 //! | 5 | unavailable: the database could not be reached; retrying may help |
 
@@ -37,6 +37,12 @@ impl std::error::Error for BadInput {}
 fn kind_of(err: &anyhow::Error) -> Option<ErrorKind> {
     for cause in err.chain() {
         if let Some(e) = cause.downcast_ref::<vextrus_core::EventStoreError>() {
+            return Some(e.kind());
+        }
+        if let Some(e) = cause.downcast_ref::<vextrus_core::outbox::OutboxError>() {
+            return Some(e.kind());
+        }
+        if let Some(e) = cause.downcast_ref::<vextrus_core::saga::SagaError>() {
             return Some(e.kind());
         }
         if cause.downcast_ref::<BadInput>().is_some() {

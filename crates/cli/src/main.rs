@@ -12,6 +12,7 @@ mod backend;
 mod demo;
 mod events;
 mod exit;
+mod outbox;
 
 use clap::{Parser, Subcommand};
 
@@ -40,6 +41,8 @@ enum Command {
     /// failures, drive every saga to a terminal state, report, and check the
     /// business invariants (exit code 1 if any fails).
     Demo(demo::DemoArgs),
+    /// Inspect the transactional outbox: status, dead letters, replay, discard.
+    Outbox(outbox::OutboxArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -64,6 +67,7 @@ fn main() -> std::process::ExitCode {
             }
             Command::Events(args) => events::run(args).await,
             Command::Demo(args) => demo::run(args).await,
+            Command::Outbox(args) => outbox::run(args).await,
         }
     });
     match result {
