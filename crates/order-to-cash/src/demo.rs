@@ -481,6 +481,87 @@ pub async fn run_demo(config: DemoConfig, progress: Option<ProgressFn>) -> Resul
     on_broker(config, system, faults, progress, broker).await
 }
 
+/// Runs the participants of `role` (`inventory`, `payment`, `shipping`,
+/// `accounting`, or several through `all`) as a service until `shutdown`
+/// resolves: each participant's serving loop and reply relay, on the
+/// databases `config` names (`database_url`, or the SQLite files in
+/// `data_dir`) and its broker and namespace. Failure injection follows
+/// `config.faults` and `config.seed`. An orchestrator placing orders with
+/// [`DemoConfig::remote_participants`] set drives them
+/// (`vextrus serve --role orchestrator --orders N`).
+pub async fn serve_participants(
+    config: DemoConfig,
+    role: Role,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<()> {
+    config.faults.validate()?;
+    if role == Role::Orchestrator {
+        return Err(Error::invalid(
+            "role",
+            "the orchestrator places orders: use run_demo with remote_participants",
+        ));
+    }
+    let Some(namespace) = config.namespace.clone() else {
+        return Err(Error::invalid(
+            "namespace",
+            "processes of one system must share a namespace",
+        ));
+    };
+    let faults = Arc::new(FaultInjector::new(config.seed, config.faults));
+    let system = if let Some(url) = &config.database_url {
+        PartsOf::Pg(build_postgres(url, faults).await?)
+    } else {
+        let Some(dir) = &config.data_dir else {
+            return Err(Error::invalid(
+                "data_dir",
+                "a service needs its database: a data directory or a PostgreSQL URL",
+            ));
+        };
+        std::fs::create_dir_all(dir).map_err(|e| Error::Database {
+            participant: "serve",
+            source: sqlx::Error::Io(e),
+        })?;
+        PartsOf::Sqlite(build_sqlite(dir, faults).await?)
+    };
+    let running = match (BrokerUrl::parse(config.broker.as_deref())?, &system) {
+        (BrokerUrl::InProcess, _) => {
+            return Err(Error::invalid(
+                "broker",
+                "a service in its own process needs a real broker (nats:// or kafka://)",
+            ));
+        }
+        (BrokerUrl::Nats(url), s) => {
+            let broker = NatsBroker::connect(&url, &namespace).await?;
+            s.start(&broker, role).await?
+        }
+        (BrokerUrl::Kafka(brokers), s) => {
+            let broker = KafkaBroker::connect(&brokers, &namespace).await?;
+            s.start(&broker, role).await?
+        }
+    };
+    tracing::info!(role = role.as_str(), %namespace, parts = running.len(), "serving");
+    shutdown.await;
+    for p in running {
+        p.stop().await?;
+    }
+    Ok(())
+}
+
+/// A system on either backend.
+enum PartsOf {
+    Sqlite(System<SqliteEventStore>),
+    Pg(System<PgEventStore>),
+}
+
+impl PartsOf {
+    async fn start<B: Broker>(&self, broker: &B, role: Role) -> Result<Vec<RunningParticipant>> {
+        match self {
+            PartsOf::Sqlite(s) => s.start_participants(broker, role).await,
+            PartsOf::Pg(s) => s.start_participants(broker, role).await,
+        }
+    }
+}
+
 /// A fresh namespace for a run that was given none.
 fn namespace(config: &DemoConfig) -> String {
     config
