@@ -1,5 +1,6 @@
-//! `vextrus demo`: the order-to-cash reference system on the embedded
-//! default (SQLite files and the in-process transport; nothing to install).
+//! `vextrus demo`: the order-to-cash reference system, on the embedded
+//! default (SQLite files and the in-process transport; nothing to install)
+//! or on PostgreSQL (`--database-url`) and NATS or Kafka (`--broker`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -59,6 +60,14 @@ pub(crate) struct DemoArgs {
     /// orchestrator's process for now.
     #[arg(long)]
     database_url: Option<String>,
+    /// The broker commands and replies travel through: `nats://HOST:PORT`
+    /// (JetStream) or `kafka://HOST:PORT`; default: in this process.
+    #[arg(long)]
+    broker: Option<String>,
+    /// The namespace of the broker's destinations, shared by the processes
+    /// of one system (default: a fresh one per demo run).
+    #[arg(long)]
+    namespace: Option<String>,
     /// Give up waiting for terminal sagas after this many seconds.
     #[arg(long, default_value_t = 300)]
     deadline_secs: u64,
@@ -68,7 +77,7 @@ pub(crate) struct DemoArgs {
 }
 
 impl DemoArgs {
-    fn config(&self) -> Result<DemoConfig> {
+    pub(crate) fn config(&self) -> Result<DemoConfig> {
         if self.orders == 0 {
             bail!(BadInput("--orders must be at least 1".into()));
         }
@@ -105,6 +114,8 @@ impl DemoArgs {
             faults,
             data_dir: self.data_dir.clone(),
             database_url: self.database_url.clone(),
+            broker: self.broker.clone(),
+            namespace: self.namespace.clone(),
             concurrency: self.concurrency,
             workers: self.workers,
             deadline: Duration::from_secs(self.deadline_secs),
@@ -116,8 +127,14 @@ impl DemoArgs {
 /// Runs the demo, prints its report, and fails if an invariant does not hold.
 pub(crate) async fn run(args: DemoArgs) -> Result<()> {
     let config = args.config()?;
+    run_config(config, args.quiet).await
+}
+
+/// Runs `config` with a progress bar (unless `quiet`), prints the report,
+/// and fails if an invariant does not hold.
+pub(crate) async fn run_config(config: DemoConfig, quiet: bool) -> Result<()> {
     let bar = ProgressBar::new(config.orders as u64);
-    if args.quiet {
+    if quiet {
         bar.set_draw_target(ProgressDrawTarget::hidden());
     }
     bar.set_style(
@@ -171,5 +188,10 @@ mod tests {
         assert!(parse(&["--orders", "0"]).config().is_err());
         let none = parse(&["--no-faults"]).config().unwrap();
         assert_eq!(none.faults.crash_rate, 0.0);
+        let b = parse(&["--broker", "nats://127.0.0.1:4222", "--namespace", "n1"])
+            .config()
+            .unwrap();
+        assert_eq!(b.broker.as_deref(), Some("nats://127.0.0.1:4222"));
+        assert_eq!(b.namespace.as_deref(), Some("n1"));
     }
 }

@@ -13,6 +13,7 @@ mod demo;
 mod events;
 mod exit;
 mod outbox;
+mod serve;
 
 use clap::{Parser, Subcommand};
 
@@ -41,6 +42,11 @@ enum Command {
     /// failures, drive every saga to a terminal state, report, and check the
     /// business invariants (exit code 1 if any fails).
     Demo(demo::DemoArgs),
+    /// Run one part of order-to-cash as its own process (`--role
+    /// orchestrator|sales|inventory|payment|shipping|accounting|all`) over
+    /// a real broker; the orchestrator places `--orders` orders and checks
+    /// the invariants.
+    Serve(serve::ServeArgs),
     /// Inspect the transactional outbox: status, dead letters, replay, discard.
     Outbox(outbox::OutboxArgs),
 }
@@ -67,6 +73,7 @@ fn main() -> std::process::ExitCode {
             }
             Command::Events(args) => events::run(args).await,
             Command::Demo(args) => demo::run(args).await,
+            Command::Serve(args) => serve::run(args).await,
             Command::Outbox(args) => outbox::run(args).await,
         }
     });
