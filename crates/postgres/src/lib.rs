@@ -67,9 +67,11 @@ mod inbox;
 mod migrate;
 mod outbox;
 mod projection;
+mod saga;
 mod store;
 mod unit_of_work;
 
 pub use migrate::{MIGRATIONS, Migration};
 pub use outbox::{OUTBOX_MIGRATION, OUTBOX_NOTIFY_CHANNEL, PgOutbox};
+pub use saga::{PgSagaStore, SAGA_MIGRATION};
 pub use store::{NOTIFY_CHANNEL, NotifyMode, PgEventStore, PgStoreConfig};

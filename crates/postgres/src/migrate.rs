@@ -19,7 +19,8 @@ pub struct Migration {
 }
 
 /// Every migration, in order: the event store (1), then the outbox and
-/// inbox (2, [`OUTBOX_MIGRATION`](crate::OUTBOX_MIGRATION)).
+/// inbox (2, [`OUTBOX_MIGRATION`](crate::OUTBOX_MIGRATION)), the saga tables
+/// (3, [`SAGA_MIGRATION`](crate::SAGA_MIGRATION)).
 pub const MIGRATIONS: &[Migration] = &[
     Migration {
         version: 1,
@@ -27,6 +28,7 @@ pub const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../migrations/0001_event_store.sql"),
     },
     crate::outbox::OUTBOX_MIGRATION,
+    crate::saga::SAGA_MIGRATION,
 ];
 
 /// The advisory lock key the migrator holds (`hashtext('vextrus_migrate')`-like
