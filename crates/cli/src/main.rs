@@ -13,6 +13,7 @@ mod demo;
 mod events;
 mod exit;
 mod outbox;
+mod saga;
 mod serve;
 
 use clap::{Parser, Subcommand};
@@ -49,6 +50,8 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Inspect the transactional outbox: status, dead letters, replay, discard.
     Outbox(outbox::OutboxArgs),
+    /// Inspect and repair sagas: list, show a timeline, retry, abort.
+    Saga(saga::SagaArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -75,6 +78,7 @@ fn main() -> std::process::ExitCode {
             Command::Demo(args) => demo::run(args).await,
             Command::Serve(args) => serve::run(args).await,
             Command::Outbox(args) => outbox::run(args).await,
+            Command::Saga(args) => saga::run(args).await,
         }
     });
     match result {
