@@ -707,7 +707,19 @@ impl vextrus_core::EventAppender for PgEventStore {
         expected: ExpectedVersion,
         events: &[NewEvent],
     ) -> Result<AppendResult> {
-        self.append_pooled(stream_id, expected, events).await
+        use tracing::Instrument;
+        let span = vextrus_telemetry::spans::event_append(stream_id, events.len());
+        let started = std::time::Instant::now();
+        let result = self
+            .append_pooled(stream_id, expected, events)
+            .instrument(span)
+            .await;
+        vextrus_telemetry::record::event_append(
+            events.len() as u64,
+            started.elapsed(),
+            vextrus_telemetry::Outcome::of(&result),
+        );
+        result
     }
 }
 
