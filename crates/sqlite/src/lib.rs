@@ -37,6 +37,7 @@ pub mod any;
 mod inbox;
 pub mod migrate;
 mod outbox;
+pub mod saga;
 mod store;
 mod unit_of_work;
 

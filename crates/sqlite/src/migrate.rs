@@ -25,7 +25,8 @@ pub struct Migration {
 }
 
 /// Every migration, in order: the event store (1), then the outbox and
-/// inbox (2, [`OUTBOX_MIGRATION`](crate::OUTBOX_MIGRATION)).
+/// inbox (2, [`OUTBOX_MIGRATION`](crate::OUTBOX_MIGRATION)), the saga store
+/// (3, [`SAGA_MIGRATION`](crate::saga::SAGA_MIGRATION)).
 pub const MIGRATIONS: &[Migration] = &[
     Migration {
         version: 1,
@@ -33,6 +34,7 @@ pub const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../migrations/0001_event_store.sql"),
     },
     crate::outbox::OUTBOX_MIGRATION,
+    crate::saga::SAGA_MIGRATION,
 ];
 
 /// A stable 64-bit FNV-1a checksum of a migration's text, as hex.
