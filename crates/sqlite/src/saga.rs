@@ -310,7 +310,7 @@ impl SagaStore for SqliteSagaStore {
         let row = sqlx::query(&format!(
             "INSERT INTO saga_instances
                  (id, saga_type, version, state, data, progress, due_at, created_at, updated_at)
-             SELECT ?1, ?2, ?3, 'running', ?4, ?5, now, now, now FROM (SELECT {NOW} AS now)
+             SELECT ?1, ?2, ?3, 'running', ?4, ?5, now, now, now FROM (SELECT {NOW} AS now) WHERE true
              ON CONFLICT (id) DO NOTHING
              RETURNING {COLUMNS}"
         ))
