@@ -256,6 +256,27 @@ async fn fenced_or_missing(
     })
 }
 
+/// The claim of due sagas: one `UPDATE … RETURNING` over the due index,
+/// read in `(due_at, seq)` order, which the index gives without sorting, so
+/// the `LIMIT` stops the scan early. Binds: worker, lease nanoseconds, limit.
+fn claim_due_sql() -> String {
+    format!(
+        "WITH clock AS (SELECT {NOW} AS now)
+         UPDATE saga_instances
+            SET fencing_token = fencing_token + 1,
+                lease_owner = ?1,
+                lease_until = (SELECT now FROM clock) + ?2
+          WHERE seq IN (
+                SELECT seq FROM saga_instances
+                 WHERE {LIVE_STATES} AND due_at IS NOT NULL
+                   AND due_at <= (SELECT now FROM clock)
+                   AND (lease_until IS NULL OR lease_until <= (SELECT now FROM clock))
+                 ORDER BY due_at, seq
+                 LIMIT ?3)
+          RETURNING {COLUMNS}"
+    )
+}
+
 impl SqliteSagaStore {
     /// The saga store over `outbox`'s database; commands ask for their
     /// replies on `reply_to`. Does not migrate: call
@@ -418,21 +439,7 @@ impl SagaStore for SqliteSagaStore {
             return Ok(Vec::new());
         }
         let mut tx = self.begin().await?;
-        let sql = format!(
-            "WITH clock AS (SELECT {NOW} AS now)
-             UPDATE saga_instances
-                SET fencing_token = fencing_token + 1,
-                    lease_owner = ?1,
-                    lease_until = (SELECT now FROM clock) + ?2
-              WHERE seq IN (
-                    SELECT seq FROM saga_instances, clock
-                     WHERE {LIVE_STATES} AND due_at IS NOT NULL
-                       AND due_at <= now
-                       AND (lease_until IS NULL OR lease_until <= now)
-                     ORDER BY due_at, seq
-                     LIMIT ?3)
-              RETURNING {COLUMNS}"
-        );
+        let sql = claim_due_sql();
         let rows = sqlx::query(&sql)
             .bind(worker)
             .bind(nanos(lease))
@@ -645,5 +652,28 @@ impl SagaCommandOutbox for SqliteSagaStore {
     async fn mark_sent(&self, message_ids: &[Uuid]) -> Result<(), SagaError> {
         let ids: Vec<MessageId> = message_ids.iter().map(|u| MessageId(*u)).collect();
         self.outbox.mark_published(&ids).await.map_err(outbox_err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn due_claims_read_the_due_index_in_order_without_sorting() {
+        let outbox = SqliteOutbox::temporary().await.unwrap();
+        let plan: Vec<String> = sqlx::query(&format!("EXPLAIN QUERY PLAN {}", claim_due_sql()))
+            .bind("w")
+            .bind(1_i64)
+            .bind(10_i64)
+            .fetch_all(outbox.pool())
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get::<String, _>("detail"))
+            .collect();
+        let text = plan.join("\n");
+        assert!(text.contains("USING INDEX saga_instances_due"), "{text}");
+        assert!(!text.contains("TEMP B-TREE"), "{text}");
     }
 }
