@@ -65,16 +65,20 @@ const COLUMNS: &str = "id, saga_type, version, state, data, progress, last_error
 ///   concurrent callers (in this process or another sharing the file) never
 ///   get one saga; every claim increments the fencing token. Due sagas are
 ///   found through a partial index on `due_at` of non-terminal sagas.
-/// - **Cost**: one transition is one transaction of at most five
-///   statements between `BEGIN IMMEDIATE` and `COMMIT`: the instance
-///   `UPDATE … RETURNING` (fencing check, clock and history sequence in one
-///   statement), the reply's inbox `INSERT` (if the transition handles a
-///   reply), one multi-row history `INSERT`, and for outgoing commands the
-///   outbox's duplicate-id `SELECT` and one multi-row outbox `INSERT`. A
-///   claim is one transaction with one `UPDATE … RETURNING`; a create one
-///   transaction with two `INSERT`s. So a saga of `n` remote steps, each
-///   claimed, started (command) and finished by its reply, costs about
-///   `1 + 3n` transactions and `2 + 8n` statements besides the relay's.
+/// - **Cost** (SQL statements between `BEGIN IMMEDIATE` and `COMMIT`, one
+///   transaction each): [`create`](SagaStore::create) 2 (instance and
+///   `saga_started` inserts); [`claim`](SagaStore::claim) and
+///   [`claim_due`](SagaStore::claim_due) 1 (`UPDATE … RETURNING`, plus one
+///   `SELECT` only when a single claim fails, to name the holder);
+///   [`commit`](SagaStore::commit) 1 to 5: the instance `UPDATE …
+///   RETURNING` (fencing check, clock and history sequence in one
+///   statement), the reply's inbox `INSERT` if the transition handles a
+///   reply, one multi-row history `INSERT`, and for outgoing commands the
+///   outbox's duplicate-id `SELECT` plus one multi-row outbox `INSERT`;
+///   [`release`](SagaStore::release) 1. A worker's transition is therefore
+///   2 transactions (claim, commit) and 2 to 6 statements; a remote step
+///   (started with its command, finished by its reply) is 4 transactions
+///   and about 9 statements, besides the relay's own.
 ///
 /// Clones share the pool. Commands are outbox rows, so the saga tables need
 /// the outbox's migration too; [`migrate`](Self::migrate) applies every
