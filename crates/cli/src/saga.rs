@@ -31,6 +31,8 @@ use vextrus_order_to_cash::FaultInjector;
 use vextrus_order_to_cash::saga::{REPLIES, StepPolicy, definition};
 use vextrus_order_to_cash::sales::Sales;
 use vextrus_postgres::{PgOutbox, PgSagaStore};
+use vextrus_sqlite::SqliteOutbox;
+use vextrus_sqlite::saga::SqliteSagaStore;
 
 use crate::backend::Store;
 use crate::exit::BadInput;
@@ -153,10 +155,10 @@ pub(crate) async fn run(args: SagaArgs) -> Result<()> {
             let store = PgSagaStore::new(PgOutbox::new(events.clone()), args.reply_to);
             run_on(store, events, args.command, id).await
         }
-        Store::Sqlite(_) => Err(BadInput(
-            "the saga store is not built on SQLite yet: use a postgres:// database URL".into(),
-        )
-        .into()),
+        Store::Sqlite(events) => {
+            let store = SqliteSagaStore::new(SqliteOutbox::new(events.clone()), args.reply_to);
+            run_on(store, events, args.command, id).await
+        }
     }
 }
 
