@@ -23,7 +23,8 @@ use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 use vextrus_core::inbox::{InboxConfig, InboxConsumer, InboxStore};
 use vextrus_core::outbox::{
-    Backoff, DeadLetters, OutboxClaimer, OutboxRelay, OutboxStore, RelayConfig, RelayHandle,
+    Backoff, DeadLetters, InMemoryOutbox, OutboxClaimer, OutboxRelay, OutboxStore, RelayConfig,
+    RelayHandle,
 };
 use vextrus_core::saga::{Orchestrator, SagaReplyHandler, SagaStore};
 use vextrus_core::transport::{
@@ -454,8 +455,18 @@ where
             Duration::from_millis(500),
             2.0,
         ));
-    let mut consumer =
-        InboxConsumer::new(outbox, source, SagaReplyHandler::new(orchestrator), config);
+    // The reply's exactly-once effect does not rest on this consumer's own
+    // transaction: the saga store records the reply's id in the same commit
+    // as the transition it causes, and a redelivery is a no-op there. So the
+    // consumer keeps its (redelivery counting) records in memory and holds
+    // no database transaction while the orchestrator commits — on SQLite a
+    // held write turn would block the saga store's own commit.
+    let mut consumer = InboxConsumer::new(
+        InMemoryOutbox::new(),
+        source,
+        SagaReplyHandler::new(orchestrator),
+        config,
+    );
     let (stop, mut stopped) = tokio::sync::watch::channel(false);
     let inbox = tokio::spawn(async move {
         consumer

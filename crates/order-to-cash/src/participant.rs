@@ -325,7 +325,17 @@ where
         let participant = participant.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            match deliver(&*participant, delivery.message()).await {
+            // The participant's work and the reply it enqueues continue the
+            // trace the command carries (the saga step's span).
+            let message = delivery.message();
+            let span = vextrus_telemetry::spans::message_consume(
+                message.id,
+                &message.source,
+                &message.headers,
+            );
+            let delivered =
+                tracing::Instrument::instrument(deliver(&*participant, message), span).await;
+            match delivered {
                 Ok(Delivered::Replied(_) | Delivered::Duplicate) => {
                     let _ = delivery.ack().await;
                 }
