@@ -80,8 +80,7 @@ impl BenchBroker for JetStream {
                         .expect("send"),
                 );
             }
-            for ack in futures::future::join_all(acks.into_iter().map(|a| a.into_future())).await
-            {
+            for ack in futures::future::join_all(acks.into_iter().map(|a| a.into_future())).await {
                 ack.expect("ack");
             }
         }
