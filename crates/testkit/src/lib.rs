@@ -16,6 +16,7 @@
 pub mod event_store;
 pub mod inbox;
 pub mod outbox;
+pub mod relay_bench;
 pub mod relay_crash;
 pub mod saga;
 pub mod transport;

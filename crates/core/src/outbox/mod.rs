@@ -26,7 +26,7 @@ pub mod store;
 pub use error::OutboxError;
 pub use memory::{InMemoryOutbox, InMemoryUnitOfWorkTx};
 pub use message::{OutboxMessage, OutboxStatus, validate_outbound};
-pub use relay::{Backoff, BatchReport, OutboxRelay, RelayConfig, RelayHandle};
+pub use relay::{Backoff, BatchReport, KeyPipelining, OutboxRelay, RelayConfig, RelayHandle};
 pub use store::{
     ClaimRequest, DeadLetterPolicy, DeadLetters, FailureOutcome, OutboxClaimer, OutboxResult,
     OutboxRetention, OutboxStatusReport, OutboxStore, PublishFailure,
