@@ -5,7 +5,9 @@
 //! default: each participant on its own SQLite file (WAL,
 //! `synchronous=NORMAL`: commits survive kill -9), Sales on a
 //! [`SqliteEventStore`], the orchestrator on the saga engine's store, and
-//! the participants connected to it over an [`InProcessTransport`]. It
+//! the participants connected to it over the in-process transport
+//! ([`InProcessTransport`](vextrus_core::transport::InProcessTransport)), or
+//! over NATS JetStream or Kafka when `broker` is set. It
 //! stocks the SKUs, places `orders` orders with at most `concurrency` sagas
 //! in flight, waits until every saga is terminal (or `deadline` passes),
 //! and returns a [`DemoReport`]: outcomes, throughput, saga and per-step
