@@ -9,8 +9,12 @@ use futures::future::join_all;
 use rand::Rng;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tracing::{Instrument, Span};
 use vextrus_kernel::{ErrorKind, HasErrorKind};
 use vextrus_resilience::{CircuitBreaker, CircuitBreakerConfig};
+use vextrus_telemetry::{
+    continue_trace, extract_headers_lenient, inject_trace_context, spans, trace_context_of,
+};
 
 use super::error::OutboxError;
 use super::message::OutboxMessage;
@@ -202,6 +206,17 @@ pub struct BatchReport {
 /// claimed under two names, the worker's name and `{worker}#2`, alternately,
 /// so a worker never re-claims (as its own) messages it is still
 /// publishing; the store's per-key rule keeps their keys apart.
+///
+/// Tracing: each message is published inside a
+/// [`vextrus_telemetry::spans::outbox_publish`] span whose parent is the
+/// trace context stored in the message's `traceparent`/`tracestate` headers
+/// (the span that enqueued it). When an OpenTelemetry layer records the
+/// span, the message goes to the transport with the publish span's own
+/// context in those headers, so the consumer's span is the publish span's
+/// child in the same trace; the stored row is not changed. With
+/// [`KeyPipelining::Batch`] every message's span covers the whole
+/// [`Transport::publish_batch`] call. Without an interested subscriber the
+/// spans are disabled and cost nothing beyond the check.
 ///
 /// Circuit breaker: one batch is one call; it counts as a failure when it
 /// had transient failures and no confirmation at all (the broker looks
@@ -432,7 +447,9 @@ where
         let done = join_all(chains.into_iter().map(|chain| async move {
             let mut out = Vec::with_capacity(chain.len());
             for i in chain {
-                let result = transport.publish(&batch[i].message).await;
+                let (span, traced) = publish_span(&batch[i].message);
+                let message = traced.as_ref().unwrap_or(&batch[i].message);
+                let result = transport.publish(message).instrument(span).await;
                 let stop = result.is_err();
                 out.push((i, result));
                 if stop {
@@ -452,8 +469,17 @@ where
     /// [`KeyPipelining::Batch`]: the whole batch in one
     /// [`Transport::publish_batch`], in sequence order.
     async fn publish_whole(&self, batch: &[OutboxMessage]) -> Vec<Outcome> {
-        let out: Vec<OutboundMessage> = batch.iter().map(|m| m.message.clone()).collect();
-        let mut results = self.inner.transport.publish_batch(&out).await.into_iter();
+        let (spans, out): (Vec<Span>, Vec<OutboundMessage>) = batch
+            .iter()
+            .map(|m| {
+                let (span, traced) = publish_span(&m.message);
+                (span, traced.unwrap_or_else(|| m.message.clone()))
+            })
+            .unzip();
+        // Each message's span lasts from here to the batch's confirmation.
+        let results = self.inner.transport.publish_batch(&out).await;
+        drop(spans);
+        let mut results = results.into_iter();
         (0..batch.len())
             .map(|_| {
                 Some(results.next().unwrap_or_else(|| {
@@ -589,6 +615,31 @@ where
             }
         }
     }
+}
+
+/// The [`spans::outbox_publish`] span of `message`, continuing the trace
+/// context stored in its headers, and, when the span is recorded by an
+/// OpenTelemetry layer, a copy of the message whose `traceparent` (and
+/// `tracestate`) are the span's own, so that a consumer's span becomes a
+/// child of the publish. Without an interested subscriber the span is
+/// disabled and nothing is parsed or copied.
+fn publish_span(message: &OutboundMessage) -> (Span, Option<OutboundMessage>) {
+    let span = spans::outbox_publish(message.id, &message.destination, None);
+    if span.is_disabled() {
+        return (span, None);
+    }
+    if let Some(parent) = extract_headers_lenient(&message.headers) {
+        // The span was just created and not entered: this cannot fail.
+        if let Err(e) = continue_trace(&span, &parent) {
+            tracing::debug!(id = %message.id, error = %e, "cannot continue the stored trace");
+        }
+    }
+    let traced = trace_context_of(&span).map(|tc| {
+        let mut traced = message.clone();
+        inject_trace_context(&tc, &mut traced.headers);
+        traced
+    });
+    (span, traced)
 }
 
 /// Sleeps for `duration` or until the stop signal.
