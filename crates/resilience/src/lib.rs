@@ -10,6 +10,7 @@
 //! | circuit breaker ([`breaker`]) | [`CircuitBreaker::call`] | [`CircuitBreakerLayer`] |
 //! | timeout ([`timeout`](mod@timeout)) | [`timeout()`] | [`TimeoutLayer`] |
 //! | bulkhead ([`bulkhead`]) | [`Bulkhead::call`] | [`BulkheadLayer`] |
+//! | the backoff formula alone ([`backoff`](mod@backoff)) | [`delay_for_attempt`], [`ExponentialBackoff`] | - |
 //! | all of them ([`stack`]) | [`ResilienceStack::call`] | [`ResilienceStack::layer`] |
 //!
 //! The composed order is `breaker(retry(timeout(bulkhead(call))))`; the
@@ -34,6 +35,7 @@
 //!
 //! Names and labels are in [`mod@metrics`].
 
+pub mod backoff;
 pub mod breaker;
 pub mod bulkhead;
 pub mod classify;
@@ -43,6 +45,7 @@ pub mod retry;
 pub mod stack;
 pub mod timeout;
 
+pub use backoff::{ExponentialBackoff, backoff_cap, delay_for_attempt, full_jitter};
 pub use breaker::{
     BreakerFuture, BreakerRegistry, BreakerSnapshot, CallPermit, CircuitBreaker,
     CircuitBreakerConfig, CircuitBreakerLayer, CircuitBreakerService, CircuitState, SlidingWindow,

@@ -1,14 +1,12 @@
 //! Retry with capped exponential backoff and full jitter.
 //!
-//! The backoff arithmetic (`min_delay * factor^n`, capped at `max_delay`) comes
-//! from [`backon::ExponentialBuilder`]. Its own jitter is not used: backon adds
-//! a random part on top of the computed delay (`d + U[0, d)`), which is not
-//! "full jitter". Full jitter, as described in AWS's "Exponential Backoff and
-//! Jitter", draws the whole delay uniformly from `[0, cap_n]` with
+//! The backoff is vextrus's one formula ([`crate::backoff`]): full jitter, as
+//! described in AWS's "Exponential Backoff and Jitter", draws the whole delay
+//! uniformly from `[0, cap_n]` with
 //! `cap_n = min(max_delay, min_delay * factor^(n-1))` after the `n`-th failed
 //! attempt; it spreads competing callers out best and never waits longer than
-//! the cap. So vextrus takes backon's un-jittered `cap_n` and draws the delay
-//! itself. Everything else here is classification and wiring:
+//! the cap. (Additive jitter, `d + U[0, d)`, as backon's own builder adds, is
+//! not full jitter.) Everything else here is classification and wiring:
 //!
 //! - Only errors whose [`ErrorKind`] is in the retryable set are retried, by
 //!   default [`ErrorKind::Transient`] alone. [`ErrorKind::Conflict`] is not
@@ -34,17 +32,14 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBuilder};
 use pin_project_lite::pin_project;
-use rand::Rng;
 use tokio::time::{Instant, Sleep, sleep};
 use tower::{Layer, Service};
 use vextrus_kernel::ErrorKind;
 
+use crate::backoff::{backoff_cap, full_jitter};
 use crate::classify::{ByErrorKind, Classifier, KindSet};
 use crate::metrics as names;
-
-type Backoff = <ExponentialBuilder as BackoffBuilder>::Backoff;
 
 /// What the retry policy decided after a failed attempt, reported to the
 /// [`RetryPolicy::on_retry`] hook before it sleeps.
@@ -284,20 +279,12 @@ impl<C> RetryPolicy<C> {
             give_up("max_attempts");
             return None;
         }
-        let backoff = state.backoff.get_or_insert_with(|| {
-            ExponentialBuilder::new()
-                .with_min_delay(self.min_delay)
-                .with_max_delay(self.max_delay)
-                .with_factor(self.factor)
-                .without_max_times()
-                .build()
-        });
-        // Without max_times backon's iterator never ends; the fallback only
-        // keeps this total.
-        let cap = backoff
-            .next()
-            .unwrap_or(self.max_delay)
-            .min(self.max_delay.max(self.min_delay));
+        let cap = backoff_cap(
+            u32::try_from(attempt).unwrap_or(u32::MAX),
+            self.min_delay,
+            self.max_delay,
+            f64::from(self.factor),
+        );
         let jittered = full_jitter(cap);
         let retry_after = classifier.retry_after(error);
         let delay = retry_after.map_or(jittered, |ra| ra.max(jittered));
@@ -336,18 +323,11 @@ fn give_up(reason: &'static str) {
 }
 
 /// A delay drawn uniformly from `[0, cap]`, to the nanosecond.
-fn full_jitter(cap: Duration) -> Duration {
-    let cap_nanos = u64::try_from(cap.as_nanos()).unwrap_or(u64::MAX);
-    Duration::from_nanos(rand::rng().random_range(0..=cap_nanos))
-}
-
-/// Where one retried call is: which attempt, since when, and its backoff
-/// (made lazily, so a call that succeeds at once never builds one).
+/// Where one retried call is: which attempt, and since when.
 #[derive(Debug)]
 struct RetryState {
     attempt: usize,
     started: Instant,
-    backoff: Option<Backoff>,
 }
 
 impl RetryState {
@@ -355,7 +335,6 @@ impl RetryState {
         RetryState {
             attempt: 1,
             started: Instant::now(),
-            backoff: None,
         }
     }
 }

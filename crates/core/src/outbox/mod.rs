@@ -16,6 +16,7 @@
 //! - [`InMemoryOutbox`]: every trait here, plus the unit of work and the
 //!   inbox, in memory.
 
+pub mod backoff;
 pub mod error;
 pub mod memory;
 pub mod message;
@@ -23,10 +24,11 @@ pub mod metrics;
 pub mod relay;
 pub mod store;
 
+pub use backoff::Backoff;
 pub use error::OutboxError;
 pub use memory::{InMemoryOutbox, InMemoryUnitOfWorkTx};
 pub use message::{OutboxMessage, OutboxStatus, validate_outbound};
-pub use relay::{Backoff, BatchReport, KeyPipelining, OutboxRelay, RelayConfig, RelayHandle};
+pub use relay::{BatchReport, KeyPipelining, OutboxRelay, RelayConfig, RelayHandle};
 pub use store::{
     ClaimRequest, DeadLetterPolicy, DeadLetters, FailureOutcome, OutboxClaimer, OutboxResult,
     OutboxRetention, OutboxStatusReport, OutboxStore, PublishFailure,

@@ -6,7 +6,6 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use futures::future::join_all;
-use rand::Rng;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{Instrument, Span};
@@ -26,65 +25,7 @@ use super::store::{
 use crate::store::WakeUps;
 use crate::transport::{MessageId, OutboundMessage, Transport, TransportError};
 
-/// Capped exponential backoff with full jitter, the same arithmetic as
-/// `vextrus_resilience::RetryPolicy`: the cap of attempt `n` is
-/// `min(max, min_delay * factor^(n-1))` and the delay is drawn uniformly
-/// from `[0, cap]`.
-///
-/// ```
-/// use std::time::Duration;
-/// use vextrus_core::outbox::Backoff;
-///
-/// let b = Backoff::new(Duration::from_millis(100), Duration::from_secs(1), 2.0);
-/// assert_eq!(b.cap(1), Duration::from_millis(100));
-/// assert_eq!(b.cap(3), Duration::from_millis(400));
-/// assert_eq!(b.cap(10), Duration::from_secs(1));
-/// assert!(b.delay(3) <= Duration::from_millis(400));
-/// ```
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Backoff {
-    /// The first cap.
-    pub min_delay: Duration,
-    /// The largest cap.
-    pub max_delay: Duration,
-    /// Growth per attempt.
-    pub factor: f64,
-}
-
-impl Default for Backoff {
-    /// 100 ms, doubling, up to 30 s.
-    fn default() -> Self {
-        Self::new(Duration::from_millis(100), Duration::from_secs(30), 2.0)
-    }
-}
-
-impl Backoff {
-    /// A backoff from `min_delay`, growing by `factor`, capped at `max_delay`.
-    pub fn new(min_delay: Duration, max_delay: Duration, factor: f64) -> Self {
-        Self {
-            min_delay,
-            max_delay,
-            factor: factor.max(1.0),
-        }
-    }
-
-    /// The cap after the `attempt`-th failure (1-based).
-    pub fn cap(&self, attempt: u32) -> Duration {
-        let exp = self.factor.powi(attempt.saturating_sub(1).min(64) as i32);
-        let secs = self.min_delay.as_secs_f64() * exp;
-        if !secs.is_finite() || secs >= self.max_delay.as_secs_f64() {
-            self.max_delay.max(self.min_delay)
-        } else {
-            Duration::from_secs_f64(secs)
-        }
-    }
-
-    /// A delay drawn uniformly from `[0, cap(attempt)]` (full jitter).
-    pub fn delay(&self, attempt: u32) -> Duration {
-        let cap = u64::try_from(self.cap(attempt).as_nanos()).unwrap_or(u64::MAX);
-        Duration::from_nanos(rand::rng().random_range(0..=cap))
-    }
-}
+pub use super::backoff::Backoff;
 
 /// How the relay publishes the messages of one partition key that share a
 /// batch.

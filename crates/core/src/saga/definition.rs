@@ -41,7 +41,11 @@ pub enum StepOutcome<D> {
 ///
 /// (`vextrus_resilience::RetryPolicy` drives an in-process retry loop with
 /// jittered sleeps; a saga needs the delay of attempt *n* as a number to
-/// store, hence this small, deterministic policy.)
+/// store, hence this small policy.) The growth is vextrus's one backoff
+/// formula ([`vextrus_resilience::backoff_cap`]):
+/// [`delay_after`](Self::delay_after) is its un-jittered cap,
+/// [`jittered_delay_after`](Self::jittered_delay_after) the full-jitter draw
+/// under that cap ([`vextrus_resilience::delay_for_attempt`]).
 ///
 /// ```
 /// use std::time::Duration;
@@ -105,14 +109,32 @@ impl StepRetry {
         attempt < self.max_attempts
     }
 
-    /// The delay before the attempt that follows failed attempt `attempt` (1-based).
+    /// The delay before the attempt that follows failed attempt `attempt`
+    /// (1-based), un-jittered: `min(max_delay, initial_delay *
+    /// factor^(attempt-1))`.
     pub fn delay_after(&self, attempt: u32) -> Duration {
-        let exp = attempt.saturating_sub(1).min(32);
-        let mult = self.factor.saturating_pow(exp);
-        self.initial_delay
-            .checked_mul(mult)
-            .unwrap_or(self.max_delay)
-            .min(self.max_delay)
+        vextrus_resilience::backoff_cap(
+            attempt,
+            self.initial_delay,
+            self.max_delay,
+            f64::from(self.factor),
+        )
+        .min(self.max_delay)
+    }
+
+    /// The same delay with full jitter: drawn uniformly from
+    /// `[0, delay_after(attempt)]`, so sagas failing together do not retry
+    /// together.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use vextrus_core::saga::StepRetry;
+    ///
+    /// let p = StepRetry::new(4).backoff(Duration::from_millis(100), 2, Duration::from_millis(300));
+    /// assert!(p.jittered_delay_after(2) <= Duration::from_millis(200));
+    /// ```
+    pub fn jittered_delay_after(&self, attempt: u32) -> Duration {
+        vextrus_resilience::full_jitter(self.delay_after(attempt))
     }
 }
 
@@ -674,5 +696,19 @@ mod tests {
         assert_eq!(delays, vec![10, 30, 90, 270, 810, 1000]);
         assert_eq!(p.delay_after(u32::MAX), Duration::from_secs(1));
         assert_eq!(StepRetry::new(0).max_attempts, 1);
+    }
+
+    #[test]
+    fn step_retry_uses_the_shared_formula() {
+        let p = StepRetry::new(10).backoff(Duration::from_millis(10), 3, Duration::from_secs(1));
+        let shared = vextrus_resilience::ExponentialBackoff::new(
+            Duration::from_millis(10),
+            Duration::from_secs(1),
+            3.0,
+        );
+        for a in 1..=40 {
+            assert_eq!(p.delay_after(a), shared.cap(a), "attempt {a}");
+            assert!(p.jittered_delay_after(a) <= p.delay_after(a));
+        }
     }
 }
