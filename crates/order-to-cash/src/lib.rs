@@ -72,8 +72,10 @@ pub mod payment;
 pub mod saga;
 pub mod sales;
 pub mod shipping;
+pub mod step_metrics;
 
 pub use db::{Backend, Database, Durability, IdempotencyKey, Migration};
 pub use error::{Error, Result};
 pub use faults::{FaultConfig, FaultInjector, InjectedCounts};
 pub use participant::Participant;
+pub use step_metrics::{StepTiming, StepTimings};
