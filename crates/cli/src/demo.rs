@@ -52,12 +52,13 @@ pub(crate) struct DemoArgs {
     /// Orchestrator workers sharing the sagas.
     #[arg(long, default_value_t = 2)]
     workers: usize,
-    /// Keep the participants' SQLite files here (default: a temporary directory).
+    /// Keep the SQLite files here (default: a temporary directory): one per
+    /// participant, `sales.db`, and `orchestrator.db` (the saga store, its
+    /// command outbox and reply inbox).
     #[arg(long)]
     data_dir: Option<PathBuf>,
-    /// Run Sales and every participant on this PostgreSQL database
-    /// (`postgres://...`) instead of SQLite files. The saga store stays in the
-    /// orchestrator's process for now.
+    /// Run Sales, the saga store and every participant on this PostgreSQL
+    /// database (`postgres://...`) instead of SQLite files.
     #[arg(long)]
     database_url: Option<String>,
     /// The broker commands and replies travel through: `nats://HOST:PORT`
@@ -68,6 +69,18 @@ pub(crate) struct DemoArgs {
     /// of one system (default: a fresh one per demo run).
     #[arg(long)]
     namespace: Option<String>,
+    /// The participants run elsewhere (`vextrus serve --role inventory|payment|
+    /// shipping|accounting`) on the same databases, broker and namespace.
+    #[arg(long)]
+    remote_participants: bool,
+    /// The orchestrator runs elsewhere (`vextrus serve --role orchestrator`)
+    /// on the same database, broker and namespace: this process only places
+    /// the orders (orders and started sagas written to the database), waits
+    /// until every saga is terminal and checks the invariants. Running it
+    /// again with the same seed on the same database places nothing twice:
+    /// it waits for the sagas already started.
+    #[arg(long)]
+    remote_orchestrator: bool,
     /// Give up waiting for terminal sagas after this many seconds.
     #[arg(long, default_value_t = 300)]
     deadline_secs: u64,
@@ -85,6 +98,18 @@ impl DemoArgs {
             bail!(BadInput(
                 "--concurrency and --workers must be at least 1".into()
             ));
+        }
+        if self.remote_participants || self.remote_orchestrator {
+            if self.broker.is_none() || self.namespace.is_none() {
+                bail!(BadInput(
+                    "--remote-participants/--remote-orchestrator need the --broker and --namespace the other processes use".into()
+                ));
+            }
+            if self.database_url.is_none() && self.data_dir.is_none() {
+                bail!(BadInput(
+                    "--remote-participants/--remote-orchestrator need the --database-url or --data-dir the other processes use".into()
+                ));
+            }
         }
         let mut faults = if self.no_faults {
             FaultConfig::none()
@@ -118,6 +143,8 @@ impl DemoArgs {
             namespace: self.namespace.clone(),
             concurrency: self.concurrency,
             workers: self.workers,
+            remote_participants: self.remote_participants,
+            remote_orchestrator: self.remote_orchestrator,
             deadline: Duration::from_secs(self.deadline_secs),
             ..DemoConfig::default()
         })
@@ -132,7 +159,7 @@ pub(crate) async fn run(args: DemoArgs) -> Result<()> {
 
 /// Runs `config` with a progress bar (unless `quiet`), prints the report,
 /// and fails if an invariant does not hold.
-pub(crate) async fn run_config(config: DemoConfig, quiet: bool) -> Result<()> {
+async fn run_config(config: DemoConfig, quiet: bool) -> Result<()> {
     let bar = ProgressBar::new(config.orders as u64);
     if quiet {
         bar.set_draw_target(ProgressDrawTarget::hidden());
@@ -193,5 +220,20 @@ mod tests {
             .unwrap();
         assert_eq!(b.broker.as_deref(), Some("nats://127.0.0.1:4222"));
         assert_eq!(b.namespace.as_deref(), Some("n1"));
+        assert!(!b.remote_participants && !b.remote_orchestrator);
+        assert!(parse(&["--remote-orchestrator"]).config().is_err());
+        let r = parse(&[
+            "--remote-participants",
+            "--remote-orchestrator",
+            "--broker",
+            "nats://127.0.0.1:4222",
+            "--namespace",
+            "n1",
+            "--database-url",
+            "postgres://x@127.0.0.1/db",
+        ])
+        .config()
+        .unwrap();
+        assert!(r.remote_participants && r.remote_orchestrator);
     }
 }

@@ -41,12 +41,15 @@ enum Command {
     Events(events::EventsArgs),
     /// Run the order-to-cash reference system: place orders with injected
     /// failures, drive every saga to a terminal state, report, and check the
-    /// business invariants (exit code 1 if any fails).
+    /// business invariants (exit code 1 if any fails). With
+    /// `--remote-orchestrator`/`--remote-participants` those parts run as
+    /// `vextrus serve` processes.
     Demo(demo::DemoArgs),
     /// Run one part of order-to-cash as its own process (`--role
     /// orchestrator|sales|inventory|payment|shipping|accounting|all`) over
-    /// a real broker; the orchestrator places `--orders` orders and checks
-    /// the invariants.
+    /// a real broker, until Ctrl-C or SIGTERM. The orchestrator runs the saga
+    /// workers, command relay and reply inbox on the durable saga store and
+    /// places no orders: `vextrus demo --remote-orchestrator` does.
     Serve(serve::ServeArgs),
     /// Inspect the transactional outbox: status, dead letters, replay, discard.
     Outbox(outbox::OutboxArgs),

@@ -5,22 +5,29 @@
 //!   with `all`): the participant's serving loop (commands through its inbox,
 //!   replies through its outbox) and its reply relay, until Ctrl-C or
 //!   SIGTERM.
-//! - `orchestrator` (or `sales`): Sales, the saga workers, the command relay
-//!   and the reply inbox; it stocks the SKUs, places `--orders` orders,
-//!   waits until every saga is terminal, prints the demo report and checks
-//!   the invariants across the participants' databases (exit code 1 if one
-//!   fails).
+//! - `orchestrator` (or `sales`): the saga workers (`--workers`), the relay
+//!   of the saga store's command outbox and the reply inbox, over the
+//!   durable saga store (PostgreSQL with `--database-url`, or
+//!   `orchestrator.db` in `--data-dir`) with Sales (the saga's local steps)
+//!   on the same database or directory; until Ctrl-C or SIGTERM. It places
+//!   no orders and resumes every non-terminal saga at start: SIGKILL it at
+//!   any moment and start it again, nothing is lost. Orders come from
+//!   `vextrus demo --remote-orchestrator [--remote-participants]` with the
+//!   same database, broker, namespace and seed, which places them, waits
+//!   until every saga is terminal, prints the report and checks the
+//!   invariants (exit code 1 if one fails).
 //!
 //! Every process of one system names the same databases (`--database-url
 //! postgres://...`, or the same `--data-dir` of SQLite files), the same
-//! `--broker` and the same `--namespace`.
+//! `--broker`, the same `--namespace` and the same `--seed` (failure
+//! injection is derived from it).
 
 use anyhow::{Result, bail};
 use clap::Args;
-use vextrus_order_to_cash::demo::serve_participants;
+use vextrus_order_to_cash::demo::{serve_orchestrator, serve_participants};
 use vextrus_order_to_cash::node::Role;
 
-use crate::demo::{DemoArgs, run_config};
+use crate::demo::DemoArgs;
 use crate::exit::BadInput;
 
 /// `vextrus serve ...`
@@ -29,13 +36,11 @@ pub(crate) struct ServeArgs {
     /// orchestrator (alias sales), inventory, payment, shipping, accounting or all.
     #[arg(long)]
     role: String,
-    /// Orders, seed, failure rates, databases, broker and namespace, as for
-    /// `vextrus demo` (`--orders` only matters to the orchestrator).
+    /// Seed, failure rates, databases, broker and namespace, as for
+    /// `vextrus demo` (`--workers` and `--concurrency`, the saga workers'
+    /// claim batch, matter to the orchestrator; `--orders` to no service).
     #[command(flatten)]
     run: DemoArgs,
-    /// No progress bar (orchestrator).
-    #[arg(long)]
-    no_progress: bool,
 }
 
 /// Waits for Ctrl-C or SIGTERM.
@@ -67,7 +72,7 @@ pub(crate) async fn run(args: ServeArgs) -> Result<()> {
         .role
         .parse()
         .map_err(|e: vextrus_order_to_cash::Error| BadInput(e.to_string()))?;
-    let mut config = args.run.config()?;
+    let config = args.run.config()?;
     if config.broker.is_none() {
         bail!(BadInput(
             "--broker is required: nats://HOST:PORT or kafka://HOST:PORT".into()
@@ -85,8 +90,8 @@ pub(crate) async fn run(args: ServeArgs) -> Result<()> {
     }
     match role {
         Role::Orchestrator => {
-            config.remote_participants = true;
-            run_config(config, args.no_progress).await
+            serve_orchestrator(config, shutdown_signal()).await?;
+            Ok(())
         }
         role => {
             serve_participants(config, role, shutdown_signal()).await?;

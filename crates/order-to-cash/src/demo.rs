@@ -20,15 +20,16 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteSynchronous};
-use vextrus_core::outbox::InMemoryOutbox;
+use vextrus_core::outbox::{DeadLetters, OutboxClaimer};
 use vextrus_core::saga::{
-    HistoryKind, InMemorySagaStore, Orchestrator, OrchestratorConfig, SagaId, SagaRegistry,
-    SagaState as EngineState, SagaStore,
+    HistoryKind, Orchestrator, OrchestratorConfig, SagaId, SagaRegistry, SagaState as EngineState,
+    SagaStore,
 };
 use vextrus_core::{EventAppender, EventReader, SnapshotStore};
 use vextrus_kernel::{AggregateId, CommandContext, Currency, HasErrorKind, Money, Quantity, Sku};
-use vextrus_postgres::PgEventStore;
-use vextrus_sqlite::SqliteEventStore;
+use vextrus_postgres::{PgEventStore, PgOutbox, PgSagaStore};
+use vextrus_sqlite::saga::SqliteSagaStore;
+use vextrus_sqlite::{SqliteEventStore, SqliteOutbox};
 
 use crate::accounting::Accounting;
 use crate::db::{Database, Durability, IdempotencyKey};
@@ -37,8 +38,8 @@ use crate::faults::{FaultConfig, FaultInjector, InjectedCounts};
 use crate::invariants::{InvariantReport, SagaRecord, SagaState, SystemSnapshot, check};
 use crate::inventory::{Inventory, StockLine};
 use crate::node::{
-    Broker, BrokerUrl, InProcessBroker, KafkaBroker, NatsBroker, Role, RunningParticipant,
-    start_orchestrator, start_participant,
+    Broker, BrokerUrl, InProcessBroker, KafkaBroker, NatsBroker, Role, RunningOrchestrator,
+    RunningParticipant, start_orchestrator, start_participant,
 };
 use crate::participant::{Participant, ReplyOutbox, ServeConfig};
 use crate::payment::Payment;
@@ -92,6 +93,12 @@ pub struct DemoConfig {
     /// When set, the participants are not started here: they run elsewhere
     /// (`vextrus serve --role ...`) on the same databases and broker.
     pub remote_participants: bool,
+    /// When set, the orchestrator is not started here: it runs elsewhere
+    /// ([`serve_orchestrator`], `vextrus serve --role orchestrator`) on the
+    /// same database. This process only places the orders (each order and
+    /// its started saga written to the database), waits until every saga
+    /// is terminal, and checks.
+    pub remote_orchestrator: bool,
 }
 
 impl Default for DemoConfig {
@@ -115,6 +122,7 @@ impl Default for DemoConfig {
             broker: None,
             namespace: None,
             remote_participants: false,
+            remote_orchestrator: false,
         }
     }
 }
@@ -368,8 +376,7 @@ impl<S> System<S> {
 }
 
 async fn build_postgres(url: &str, faults: Arc<FaultInjector>) -> Result<System<PgEventStore>> {
-    let store = PgEventStore::connect(url).await.map_err(store_error)?;
-    store.migrate().await.map_err(store_error)?;
+    let store = open_pg_events(url).await?;
     let db = Database::connect_with(url, Durability::Full, 16).await?;
     let mut system = System {
         sales: Arc::new(Sales::new(store)),
@@ -383,13 +390,16 @@ async fn build_postgres(url: &str, faults: Arc<FaultInjector>) -> Result<System<
     Ok(system)
 }
 
-async fn build_sqlite(
-    dir: &std::path::Path,
-    faults: Arc<FaultInjector>,
-) -> Result<System<SqliteEventStore>> {
-    let db = |name: &str| dir.join(format!("{name}.db"));
+async fn open_pg_events(url: &str) -> Result<PgEventStore> {
+    let store = PgEventStore::connect(url).await.map_err(store_error)?;
+    store.migrate().await.map_err(store_error)?;
+    Ok(store)
+}
+
+/// An event store on `dir/{name}.db` (WAL, `synchronous=NORMAL`), migrated.
+async fn open_sqlite_events(dir: &std::path::Path, name: &str) -> Result<SqliteEventStore> {
     let options = SqliteConnectOptions::new()
-        .filename(db("sales"))
+        .filename(dir.join(format!("{name}.db")))
         .create_if_missing(true);
     let store = SqliteEventStore::connect_with(
         SqliteEventStore::tune(options).synchronous(SqliteSynchronous::Normal),
@@ -398,12 +408,19 @@ async fn build_sqlite(
     .await
     .map_err(store_error)?;
     store.migrate().await.map_err(store_error)?;
+    Ok(store)
+}
+
+async fn build_sqlite(
+    dir: &std::path::Path,
+    faults: Arc<FaultInjector>,
+) -> Result<System<SqliteEventStore>> {
     let open = |name: &'static str| {
-        let path = db(name);
+        let path = dir.join(format!("{name}.db"));
         async move { Database::sqlite_file(&path, Durability::Normal).await }
     };
     let mut system = System {
-        sales: Arc::new(Sales::new(store)),
+        sales: Arc::new(Sales::new(open_sqlite_events(dir, "sales").await?)),
         inventory: Arc::new(Inventory::new(open("inventory").await?, faults.clone())),
         payment: Arc::new(Payment::new(open("payment").await?, faults.clone())),
         shipping: Arc::new(Shipping::new(open("shipping").await?, faults.clone())),
@@ -412,6 +429,50 @@ async fn build_sqlite(
     };
     system.migrate().await?;
     Ok(system)
+}
+
+/// The file of the orchestrator's saga store in a data directory: saga
+/// instances, their history, the reply inbox and the outbox of commands.
+pub const ORCHESTRATOR_DB: &str = "orchestrator.db";
+
+/// The orchestrator's saga store on SQLite: [`ORCHESTRATOR_DB`] in `dir`
+/// (WAL, `synchronous=NORMAL`, as every demo file), migrated. Its
+/// transitions, the command relay's claims and the workers' claims take
+/// turns on one [`SqliteOutbox`].
+pub async fn sqlite_saga_store(dir: &std::path::Path) -> Result<SqliteSagaStore> {
+    let events = open_sqlite_events(dir, ORCHESTRATOR_DB.trim_end_matches(".db")).await?;
+    let store = SqliteSagaStore::new(SqliteOutbox::new(events), REPLIES);
+    store.migrate().await.map_err(saga_error)?;
+    Ok(store)
+}
+
+/// The orchestrator's saga store on PostgreSQL at `url` (its own pool),
+/// migrated.
+pub async fn pg_saga_store(url: &str) -> Result<PgSagaStore> {
+    Ok(PgSagaStore::new(
+        PgOutbox::new(open_pg_events(url).await?),
+        REPLIES,
+    ))
+}
+
+/// A durable saga store and the outbox its transitions write commands to.
+trait DurableSagaStore: SagaStore + Clone + Send + Sync + 'static {
+    type Outbox: OutboxClaimer + DeadLetters + Clone + Send + Sync + 'static;
+    fn command_outbox(&self) -> Self::Outbox;
+}
+
+impl DurableSagaStore for SqliteSagaStore {
+    type Outbox = SqliteOutbox;
+    fn command_outbox(&self) -> SqliteOutbox {
+        self.outbox().clone()
+    }
+}
+
+impl DurableSagaStore for PgSagaStore {
+    type Outbox = PgOutbox;
+    fn command_outbox(&self) -> PgOutbox {
+        self.outbox().clone()
+    }
 }
 
 fn saga_error(e: vextrus_core::saga::SagaError) -> Error {
@@ -452,23 +513,17 @@ pub async fn run_demo(config: DemoConfig, progress: Option<ProgressFn>) -> Resul
             "skus, concurrency and workers must be at least 1",
         ));
     }
-    let mut injector = FaultInjector::new(config.seed, config.faults);
-    for command_type in &config.forced_failures {
-        injector = injector.force_failure(command_type.clone());
-    }
-    let faults = Arc::new(injector);
+    let faults = Arc::new(injector(&config));
     let broker = BrokerUrl::parse(config.broker.as_deref())?;
     if let Some(url) = &config.database_url {
         let system = build_postgres(url, faults.clone()).await?;
-        return on_broker(config, system, faults, progress, broker).await;
+        let store = pg_saga_store(url).await?;
+        return on_broker(config, system, store, faults, progress, broker).await;
     }
     let temp;
     let dir = match &config.data_dir {
         Some(d) => {
-            std::fs::create_dir_all(d).map_err(|e| Error::Database {
-                participant: "demo",
-                source: sqlx::Error::Io(e),
-            })?;
+            create_dir(d, "demo")?;
             d.clone()
         }
         None => {
@@ -480,7 +535,33 @@ pub async fn run_demo(config: DemoConfig, progress: Option<ProgressFn>) -> Resul
         }
     };
     let system = build_sqlite(&dir, faults.clone()).await?;
-    on_broker(config, system, faults, progress, broker).await
+    let store = sqlite_saga_store(&dir).await?;
+    on_broker(config, system, store, faults, progress, broker).await
+}
+
+fn injector(config: &DemoConfig) -> FaultInjector {
+    let mut injector = FaultInjector::new(config.seed, config.faults);
+    for command_type in &config.forced_failures {
+        injector = injector.force_failure(command_type.clone());
+    }
+    injector
+}
+
+fn create_dir(dir: &std::path::Path, participant: &'static str) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::Database {
+        participant,
+        source: sqlx::Error::Io(e),
+    })
+}
+
+/// The namespace a service must be given.
+fn service_namespace(config: &DemoConfig) -> Result<String> {
+    config.namespace.clone().ok_or_else(|| {
+        Error::invalid(
+            "namespace",
+            "processes of one system must share a namespace",
+        )
+    })
 }
 
 /// Runs the participants of `role` (`inventory`, `payment`, `shipping`,
@@ -488,9 +569,9 @@ pub async fn run_demo(config: DemoConfig, progress: Option<ProgressFn>) -> Resul
 /// resolves: each participant's serving loop and reply relay, on the
 /// databases `config` names (`database_url`, or the SQLite files in
 /// `data_dir`) and its broker and namespace. Failure injection follows
-/// `config.faults` and `config.seed`. An orchestrator placing orders with
-/// [`DemoConfig::remote_participants`] set drives them
-/// (`vextrus serve --role orchestrator --orders N`).
+/// `config.faults` and `config.seed`. The orchestrator runs as
+/// [`serve_orchestrator`]; a demo with [`DemoConfig::remote_participants`]
+/// set places the orders.
 pub async fn serve_participants(
     config: DemoConfig,
     role: Role,
@@ -500,15 +581,10 @@ pub async fn serve_participants(
     if role == Role::Orchestrator {
         return Err(Error::invalid(
             "role",
-            "the orchestrator places orders: use run_demo with remote_participants",
+            "the orchestrator is served by serve_orchestrator",
         ));
     }
-    let Some(namespace) = config.namespace.clone() else {
-        return Err(Error::invalid(
-            "namespace",
-            "processes of one system must share a namespace",
-        ));
-    };
+    let namespace = service_namespace(&config)?;
     let faults = Arc::new(FaultInjector::new(config.seed, config.faults));
     let system = if let Some(url) = &config.database_url {
         PartsOf::Pg(build_postgres(url, faults).await?)
@@ -519,10 +595,7 @@ pub async fn serve_participants(
                 "a service needs its database: a data directory or a PostgreSQL URL",
             ));
         };
-        std::fs::create_dir_all(dir).map_err(|e| Error::Database {
-            participant: "serve",
-            source: sqlx::Error::Io(e),
-        })?;
+        create_dir(dir, "serve")?;
         PartsOf::Sqlite(build_sqlite(dir, faults).await?)
     };
     let running = match (BrokerUrl::parse(config.broker.as_deref())?, &system) {
@@ -549,6 +622,93 @@ pub async fn serve_participants(
     Ok(())
 }
 
+/// Runs the orchestrator as a service until `shutdown` resolves: the saga
+/// workers ([`DemoConfig::workers`] of them), the relay of the saga store's
+/// outbox (commands) and the reply inbox, over the durable saga store
+/// ([`pg_saga_store`] on `database_url`, or [`sqlite_saga_store`] in
+/// `data_dir`) and Sales (the saga's local steps) on the same database or
+/// data directory. It places no orders: a demo with
+/// [`DemoConfig::remote_orchestrator`] set writes them (orders and started
+/// sagas) to the database. At start every non-terminal saga whose lease
+/// has expired or was never taken is resumed; a process killed at any
+/// instruction loses nothing, because every transition, its outgoing
+/// command and the reply that caused it commit in one transaction.
+pub async fn serve_orchestrator(
+    config: DemoConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<()> {
+    config.faults.validate()?;
+    if config.workers == 0 {
+        return Err(Error::invalid("workers", "must be at least 1"));
+    }
+    let namespace = service_namespace(&config)?;
+    let faults = Arc::new(injector(&config));
+    if let Some(url) = &config.database_url {
+        let sales = Arc::new(Sales::new(open_pg_events(url).await?));
+        let store = pg_saga_store(url).await?;
+        return orchestrator_on(config, sales, store, faults, namespace, shutdown).await;
+    }
+    let Some(dir) = config.data_dir.clone() else {
+        return Err(Error::invalid(
+            "data_dir",
+            "a service needs its database: a data directory or a PostgreSQL URL",
+        ));
+    };
+    create_dir(&dir, "serve")?;
+    let sales = Arc::new(Sales::new(open_sqlite_events(&dir, "sales").await?));
+    let store = sqlite_saga_store(&dir).await?;
+    orchestrator_on(config, sales, store, faults, namespace, shutdown).await
+}
+
+async fn orchestrator_on<S, St>(
+    config: DemoConfig,
+    sales: Arc<Sales<S>>,
+    store: St,
+    faults: Arc<FaultInjector>,
+    namespace: String,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<()>
+where
+    S: EventAppender + EventReader + SnapshotStore + Send + Sync + 'static,
+    St: DurableSagaStore,
+{
+    let registry = registry(sales, faults, config.policy)?;
+    let service = match BrokerUrl::parse(config.broker.as_deref())? {
+        BrokerUrl::InProcess => {
+            return Err(Error::invalid(
+                "broker",
+                "a service in its own process needs a real broker (nats:// or kafka://)",
+            ));
+        }
+        BrokerUrl::Nats(url) => {
+            let broker = NatsBroker::connect(&url, &namespace).await?;
+            OrchestratorService::start(&broker, store, registry, &config).await?
+        }
+        BrokerUrl::Kafka(brokers) => {
+            let broker = KafkaBroker::connect(&brokers, &namespace).await?;
+            OrchestratorService::start(&broker, store, registry, &config).await?
+        }
+    };
+    tracing::info!(role = "orchestrator", %namespace, workers = config.workers, "serving");
+    shutdown.await;
+    service.stop().await
+}
+
+fn registry<S>(
+    sales: Arc<Sales<S>>,
+    faults: Arc<FaultInjector>,
+    policy: StepPolicy,
+) -> Result<SagaRegistry>
+where
+    S: EventAppender + EventReader + SnapshotStore + Send + Sync + 'static,
+{
+    let registry = SagaRegistry::new();
+    registry
+        .register(definition(sales, faults, policy))
+        .map_err(saga_error)?;
+    Ok(registry)
+}
+
 /// A system on either backend.
 enum PartsOf {
     Sqlite(System<SqliteEventStore>),
@@ -572,63 +732,135 @@ fn namespace(config: &DemoConfig) -> String {
         .unwrap_or_else(|| format!("o2c-{}", uuid::Uuid::now_v7().simple()))
 }
 
-async fn on_broker<S>(
+async fn on_broker<S, St>(
     config: DemoConfig,
     system: System<S>,
+    store: St,
     faults: Arc<FaultInjector>,
     progress: Option<ProgressFn>,
     broker: BrokerUrl,
 ) -> Result<DemoReport>
 where
     S: EventAppender + EventReader + SnapshotStore + Send + Sync + 'static,
+    St: DurableSagaStore,
 {
     match broker {
         BrokerUrl::InProcess => {
-            if config.remote_participants {
+            if config.remote_participants || config.remote_orchestrator {
                 return Err(Error::invalid(
                     "broker",
-                    "participants in other processes need a real broker (nats:// or kafka://)",
+                    "parts in other processes need a real broker (nats:// or kafka://)",
                 ));
             }
-            drive(config, system, faults, progress, InProcessBroker::new()).await
+            drive(
+                config,
+                system,
+                store,
+                faults,
+                progress,
+                InProcessBroker::new(),
+            )
+            .await
         }
         BrokerUrl::Nats(url) => {
             let broker = NatsBroker::connect(&url, &namespace(&config)).await?;
-            drive(config, system, faults, progress, broker).await
+            drive(config, system, store, faults, progress, broker).await
         }
         BrokerUrl::Kafka(brokers) => {
             let broker = KafkaBroker::connect(&brokers, &namespace(&config)).await?;
-            drive(config, system, faults, progress, broker).await
+            drive(config, system, store, faults, progress, broker).await
         }
     }
 }
 
-async fn drive<S, B>(
-    config: DemoConfig,
-    system: System<S>,
-    faults: Arc<FaultInjector>,
-    progress: Option<ProgressFn>,
-    broker: B,
-) -> Result<DemoReport>
-where
-    S: EventAppender + EventReader + SnapshotStore + Send + Sync + 'static,
-    B: Broker,
-{
-    // Order ids are derived from the seed, so a store that already holds
-    // this seed's orders cannot be reused: say so instead of mixing runs.
-    let first = AggregateId::new(format!("order-{}-{:06}", config.seed, 0))
-        .map_err(|e| Error::invalid("order id", e.to_string()))?;
-    if system.sales.load(&first).await?.is_some() {
-        return Err(Error::invalid(
-            "database",
-            format!(
-                "it already holds the orders of seed {}: use a fresh database or data directory, or another seed",
-                config.seed
-            ),
-        ));
+/// The orchestrator's running parts: saga workers, the command relay and
+/// the reply inbox.
+struct OrchestratorService<St: SagaStore> {
+    /// The first worker's orchestrator (sagas started through it wake it).
+    orchestrator: Orchestrator<St>,
+    transport: RunningOrchestrator,
+    stop: tokio::sync::watch::Sender<bool>,
+    workers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl<St: DurableSagaStore> OrchestratorService<St> {
+    async fn start<B: Broker>(
+        broker: &B,
+        store: St,
+        registry: SagaRegistry,
+        config: &DemoConfig,
+    ) -> Result<Self> {
+        let run = uuid::Uuid::now_v7().simple().to_string();
+        let orchestrators: Vec<Orchestrator<St>> = (0..config.workers.max(1))
+            .map(|i| {
+                // A fresh worker name per process: a restarted service
+                // never mistakes a dead process's leases for its own.
+                let mut c = OrchestratorConfig::worker(format!("o2c-worker-{run}-{i}"));
+                c.batch_size = config.concurrency.max(16);
+                c.poll_interval = Duration::from_millis(5);
+                c.lease = ORCHESTRATOR_LEASE;
+                Orchestrator::with_config(store.clone(), registry.clone(), c)
+            })
+            .collect();
+        let transport =
+            start_orchestrator(broker, orchestrators[0].clone(), store.command_outbox()).await?;
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let workers = orchestrators
+            .iter()
+            .cloned()
+            .map(|o| {
+                let mut stopped = stopped.clone();
+                tokio::spawn(async move {
+                    o.run(async move {
+                        let _ = stopped.wait_for(|s| *s).await;
+                    })
+                    .await
+                })
+            })
+            .collect();
+        Ok(Self {
+            orchestrator: orchestrators[0].clone(),
+            transport,
+            stop,
+            workers,
+        })
     }
 
-    // Stock every SKU (keys make a re-run on the same files harmless).
+    /// Stops the workers (after their current batch), the relay and the
+    /// reply inbox.
+    async fn stop(self) -> Result<()> {
+        let _ = self.stop.send(true);
+        for w in self.workers {
+            let _ = w.await;
+        }
+        self.transport.stop().await
+    }
+}
+
+/// The lease of the demo's saga workers: how long a saga claimed by a
+/// killed orchestrator waits before another worker resumes it.
+pub const ORCHESTRATOR_LEASE: Duration = Duration::from_secs(10);
+
+/// The saga of an order: its id is derived from the order id, so placing
+/// the same order again starts nothing new.
+pub fn saga_id_for(order_id: &AggregateId) -> SagaId {
+    // Two FNV-1a 64 hashes (different offsets) of the order id, as a
+    // version-8 (custom) UUID.
+    let hash = |offset: u64| {
+        order_id.as_str().bytes().fold(offset, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+        })
+    };
+    let (hi, lo) = (hash(0xcbf2_9ce4_8422_2325), hash(0x6c62_272e_07bb_0142));
+    let mut bytes = [0u8; 16];
+    bytes[..8].copy_from_slice(&hi.to_be_bytes());
+    bytes[8..].copy_from_slice(&lo.to_be_bytes());
+    SagaId(uuid::Builder::from_custom_bytes(bytes).into_uuid())
+}
+
+/// Stocks every SKU (idempotency keys make a re-run on the same databases
+/// harmless).
+async fn stock<S>(config: &DemoConfig, system: &System<S>) -> Result<()> {
     for i in 0..config.skus {
         let line = StockLine {
             sku: sku_name(i),
@@ -647,46 +879,73 @@ where
             }
         }
     }
+    Ok(())
+}
 
-    // The saga store writes each transition's command into its outbox in
-    // the same commit; a relay publishes them, the reply inbox takes the
-    // participants' replies.
-    let outbox = InMemoryOutbox::new();
-    let store = InMemorySagaStore::with_outbox(outbox.clone(), REPLIES);
-    let registry = SagaRegistry::new();
-    registry
-        .register(definition(
-            system.sales.clone(),
-            faults.clone(),
-            config.policy,
-        ))
-        .map_err(saga_error)?;
+async fn drive<S, St, B>(
+    config: DemoConfig,
+    system: System<S>,
+    store: St,
+    faults: Arc<FaultInjector>,
+    progress: Option<ProgressFn>,
+    broker: B,
+) -> Result<DemoReport>
+where
+    S: EventAppender + EventReader + SnapshotStore + Send + Sync + 'static,
+    St: DurableSagaStore,
+    B: Broker,
+{
+    stock(&config, &system).await?;
+    let registry = registry(system.sales.clone(), faults.clone(), config.policy)?;
     let participants = if config.remote_participants {
         Vec::new()
     } else {
         system.start_participants(&broker, Role::All).await?
     };
-    let orchestrators: Vec<Orchestrator<InMemorySagaStore>> = (0..config.workers)
-        .map(|i| {
-            let mut c = OrchestratorConfig::worker(format!("demo-worker-{i}"));
-            c.batch_size = config.concurrency.max(16);
-            c.poll_interval = Duration::from_millis(5);
-            Orchestrator::with_config(store.clone(), registry.clone(), c)
-        })
-        .collect();
-    let transport_side =
-        start_orchestrator(&broker, orchestrators[0].clone(), outbox.clone()).await?;
-    let stop = Arc::new(tokio::sync::Notify::new());
-    let workers: Vec<_> = orchestrators
-        .iter()
-        .cloned()
-        .map(|o| {
-            let stop = stop.clone();
-            tokio::spawn(async move { o.run(async move { stop.notified().await }).await })
-        })
-        .collect();
+    let service = if config.remote_orchestrator {
+        None
+    } else {
+        Some(OrchestratorService::start(&broker, store.clone(), registry.clone(), &config).await?)
+    };
+    // Sagas are started through the first worker (which wakes at once), or,
+    // when the orchestrator runs elsewhere, written to the store for it.
+    let orchestrator = match &service {
+        Some(s) => s.orchestrator.clone(),
+        None => Orchestrator::with_config(
+            store.clone(),
+            registry,
+            OrchestratorConfig::worker(format!("o2c-placer-{}", uuid::Uuid::now_v7().simple())),
+        ),
+    };
+    let placed = place_and_wait(&config, &system, &faults, progress.as_ref(), &orchestrator).await;
 
-    // Place orders, keeping `concurrency` sagas in flight.
+    // Stop everything before reading the final state.
+    if let Some(service) = service {
+        service.stop().await?;
+    }
+    for p in participants {
+        p.stop().await?;
+    }
+    let (all, elapsed) = placed?;
+    report(&config, &system, &faults, &orchestrator, &all, elapsed).await
+}
+
+/// Places the orders (skipping those already placed: a re-run resumes),
+/// keeping `concurrency` sagas in flight, and waits until every saga is
+/// terminal or the deadline passes. Returns every (saga, order) and the
+/// time from the start to the last saga seen terminal.
+async fn place_and_wait<S, St>(
+    config: &DemoConfig,
+    system: &System<S>,
+    faults: &FaultInjector,
+    progress: Option<&ProgressFn>,
+    orchestrator: &Orchestrator<St>,
+) -> Result<(Vec<(SagaId, AggregateId)>, Duration)>
+where
+    S: EventAppender + EventReader + SnapshotStore + Send + Sync + 'static,
+    St: SagaStore + Clone + Send + Sync + 'static,
+{
+    let store = orchestrator.store();
     let mut rng = Rng(config.seed ^ 0x6f72_6465_7273);
     let currencies = [Currency::USD, Currency::EUR, Currency::BDT];
     let started_at = Instant::now();
@@ -694,12 +953,13 @@ where
     let mut all: Vec<(SagaId, AggregateId)> = Vec::with_capacity(config.orders);
     let mut finished = 0usize;
     let mut last_finish = started_at;
-    let orchestrator = orchestrators[0].clone();
     loop {
         while in_flight.len() < config.concurrency && all.len() < config.orders {
             let n = all.len();
             let order_id = AggregateId::new(format!("order-{}-{n:06}", config.seed))
                 .map_err(|e| Error::invalid("order id", e.to_string()))?;
+            // The order's contents are drawn even when it was placed
+            // before, so the generator stays in step with the first run.
             let currency = currencies[rng.below(currencies.len() as u64) as usize];
             let line_count = 1 + rng.below(3) as usize;
             let mut lines = Vec::with_capacity(line_count);
@@ -731,15 +991,18 @@ where
                     quantity: l.quantity,
                 })
                 .collect();
-            let place = OrderCommand::Place {
-                customer: format!("customer-{}", rng.below(500)),
-                currency,
-                lines,
-            };
-            system
-                .sales
-                .execute(&order_id, place, &CommandContext::new())
-                .await?;
+            let customer = format!("customer-{}", rng.below(500));
+            if system.sales.load(&order_id).await?.is_none() {
+                let place = OrderCommand::Place {
+                    customer,
+                    currency,
+                    lines,
+                };
+                system
+                    .sales
+                    .execute(&order_id, place, &CommandContext::new())
+                    .await?;
+            }
             let data = OrderToCashData {
                 order_id: order_id.clone(),
                 lines: stock_lines,
@@ -748,8 +1011,9 @@ where
                 shipment_id: None,
                 invoice_entry_id: None,
             };
+            // Idempotent: the saga of an order already started stays as it is.
             let id = orchestrator
-                .start(SAGA_TYPE, &data)
+                .start_with_id(saga_id_for(&order_id), SAGA_TYPE, &data)
                 .await
                 .map_err(saga_error)?;
             in_flight.push(id);
@@ -766,7 +1030,7 @@ where
             }
         }
         in_flight = still;
-        if let Some(cb) = &progress {
+        if let Some(cb) = progress {
             cb(DemoProgress {
                 started: all.len(),
                 finished,
@@ -782,18 +1046,22 @@ where
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let elapsed = last_finish.duration_since(started_at);
+    Ok((all, last_finish.duration_since(started_at)))
+}
 
-    // Stop everything before reading the final state.
-    stop.notify_waiters();
-    for w in workers {
-        w.abort();
-    }
-    transport_side.stop().await?;
-    for p in participants {
-        p.stop().await?;
-    }
-
+/// Outcomes, latencies and the invariant check of the sagas in `all`.
+async fn report<S, St>(
+    config: &DemoConfig,
+    system: &System<S>,
+    faults: &FaultInjector,
+    orchestrator: &Orchestrator<St>,
+    all: &[(SagaId, AggregateId)],
+    elapsed: Duration,
+) -> Result<DemoReport>
+where
+    S: EventAppender + EventReader + SnapshotStore + Send + Sync + 'static,
+    St: SagaStore + Clone + Send + Sync + 'static,
+{
     // Outcomes and latencies.
     let (mut completed, mut compensated, mut failed, mut not_terminal) = (0, 0, 0, 0);
     let mut saga_latency = Vec::with_capacity(all.len());
@@ -801,7 +1069,7 @@ where
     let mut records = Vec::with_capacity(all.len());
     let mut timelines = Vec::new();
     let mut timeouts = 0;
-    for (id, order_id) in &all {
+    for (id, order_id) in all {
         let view = orchestrator.show(*id).await.map_err(saga_error)?;
         let inst = &view.instance;
         match inst.state {

@@ -21,17 +21,15 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
-use vextrus_core::inbox::{InboxConfig, InboxConsumer, InboxStore};
+use vextrus_core::inbox::{InboxConfig, InboxConsumer};
 use vextrus_core::outbox::{
-    Backoff, DeadLetters, InMemoryOutbox, OutboxClaimer, OutboxRelay, OutboxStore, RelayConfig,
-    RelayHandle,
+    Backoff, DeadLetters, InMemoryOutbox, OutboxClaimer, OutboxRelay, RelayConfig, RelayHandle,
 };
 use vextrus_core::saga::{Orchestrator, SagaReplyHandler, SagaStore};
 use vextrus_core::transport::{
     InProcessSubscription, InProcessTransport, MessageDelivery, MessageSource, OutboundMessage,
     Transport, TransportError,
 };
-use vextrus_core::unit_of_work::UnitOfWork;
 
 use crate::error::{Error, Result};
 use crate::participant::{self, Participant, ReplyOutbox, ServeConfig};
@@ -438,8 +436,7 @@ pub async fn start_orchestrator<B, S, O>(
 where
     B: Broker,
     S: SagaStore + Clone + Send + Sync + 'static,
-    O: OutboxStore + OutboxClaimer + DeadLetters + InboxStore + Clone + Send + Sync + 'static,
-    <O as UnitOfWork>::Transaction: Send,
+    O: OutboxClaimer + DeadLetters + Clone + Send + Sync + 'static,
 {
     let relay = OutboxRelay::new(
         outbox.clone(),
