@@ -11,8 +11,11 @@
 //! other recorder (the Prometheus one a service installs) and forwards every
 //! call to it, so both see the same samples;
 //! [`StepTimings::recorder`] is the layer alone. Install it for a run with
-//! [`metrics::set_global_recorder`] (once per process), or for one thread
-//! with [`metrics::set_default_local_recorder`].
+//! [`StepTimings::install_global`] (once per process, when nothing else is
+//! installed), beside Prometheus with `vextrus_telemetry::init_layered`
+//! (`export` feature): `init_layered(config, Box::new(move |prometheus|
+//! Box::new(timings.layer(prometheus))))`, or for one thread with
+//! [`metrics::set_default_local_recorder`].
 //!
 //! Each (`step`, `outcome`) keeps a log-bucketed sketch, not the samples:
 //! memory is bounded (at most a few thousand buckets, in practice tens) and a

@@ -3,7 +3,9 @@
 
 use std::net::SocketAddr;
 
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::{Protocol, WithExportConfig, WithHttpConfig};
 use opentelemetry_sdk::Resource;
@@ -66,7 +68,58 @@ pub const TRACER_NAME: &str = "vextrus";
 /// # }
 /// ```
 pub fn init(config: TelemetryConfig) -> Result<TelemetryGuard, TelemetryError> {
-    setup(config, true)
+    setup(config, true, None)
+}
+
+/// Wraps the Prometheus recorder before it is installed (see
+/// [`init_layered`]).
+pub type MetricsLayer =
+    Box<dyn FnOnce(PrometheusRecorder) -> Box<dyn metrics::Recorder + Send + Sync>>;
+
+/// Like [`init`], but the Prometheus recorder is handed to `layer` and what
+/// it returns is installed as the global recorder: a recorder that sees
+/// every metric and forwards it to Prometheus (so `/metrics` and
+/// [`TelemetryGuard::render_metrics`] still work), such as
+/// `vextrus_order_to_cash::step_metrics::StepTimings::layer`.
+///
+/// ```
+/// use std::sync::Arc;
+/// use std::sync::atomic::{AtomicUsize, Ordering};
+/// use metrics::{Counter, Gauge, Histogram, Key, KeyName, Metadata, Recorder, SharedString, Unit};
+/// use vextrus_telemetry::{TelemetryConfig, init_layered, names, record};
+///
+/// /// Counts histogram registrations, forwards everything.
+/// struct Seen<R> { inner: R, histograms: Arc<AtomicUsize> }
+/// impl<R: Recorder> Recorder for Seen<R> {
+///     fn describe_counter(&self, k: KeyName, u: Option<Unit>, d: SharedString) { self.inner.describe_counter(k, u, d) }
+///     fn describe_gauge(&self, k: KeyName, u: Option<Unit>, d: SharedString) { self.inner.describe_gauge(k, u, d) }
+///     fn describe_histogram(&self, k: KeyName, u: Option<Unit>, d: SharedString) { self.inner.describe_histogram(k, u, d) }
+///     fn register_counter(&self, k: &Key, m: &Metadata<'_>) -> Counter { self.inner.register_counter(k, m) }
+///     fn register_gauge(&self, k: &Key, m: &Metadata<'_>) -> Gauge { self.inner.register_gauge(k, m) }
+///     fn register_histogram(&self, k: &Key, m: &Metadata<'_>) -> Histogram {
+///         self.histograms.fetch_add(1, Ordering::SeqCst);
+///         self.inner.register_histogram(k, m)
+///     }
+/// }
+///
+/// # fn main() -> Result<(), vextrus_telemetry::TelemetryError> {
+/// let histograms = Arc::new(AtomicUsize::new(0));
+/// let seen = histograms.clone();
+/// let telemetry = init_layered(
+///     TelemetryConfig::new("demo"),
+///     Box::new(move |prometheus| Box::new(Seen { inner: prometheus, histograms: seen })),
+/// )?;
+/// record::saga_step("o2c", "reserve", std::time::Duration::from_millis(4), record::Outcome::Ok);
+/// assert_eq!(histograms.load(Ordering::SeqCst), 1); // the layer saw it ...
+/// assert!(telemetry.render_metrics().unwrap().contains(names::SAGA_STEP_SECONDS)); // ... and Prometheus too
+/// # Ok(())
+/// # }
+/// ```
+pub fn init_layered(
+    config: TelemetryConfig,
+    layer: MetricsLayer,
+) -> Result<TelemetryGuard, TelemetryError> {
+    setup(config, true, Some(layer))
 }
 
 /// Like [`init`], but a subscriber or metrics recorder that is already
@@ -75,10 +128,14 @@ pub fn init(config: TelemetryConfig) -> Result<TelemetryGuard, TelemetryError> {
 /// [`TelemetryGuard::installed_recorder`]). Meant for tests, where several
 /// tests of one binary each ask for telemetry; the first to ask owns it.
 pub fn try_init(config: TelemetryConfig) -> Result<TelemetryGuard, TelemetryError> {
-    setup(config, false)
+    setup(config, false, None)
 }
 
-fn setup(config: TelemetryConfig, strict: bool) -> Result<TelemetryGuard, TelemetryError> {
+fn setup(
+    config: TelemetryConfig,
+    strict: bool,
+    layer: Option<MetricsLayer>,
+) -> Result<TelemetryGuard, TelemetryError> {
     let filter = EnvFilter::try_new(config.env_filter()).map_err(|source| {
         TelemetryError::InvalidFilter {
             filter: config.env_filter().to_owned(),
@@ -161,8 +218,14 @@ fn setup(config: TelemetryConfig, strict: bool) -> Result<TelemetryGuard, Teleme
         .add_global_label(names::LABEL_SERVICE, config.service_name())
         .set_buckets_for_metric(Matcher::Suffix("_seconds".to_owned()), LATENCY_BUCKETS)
         .map_err(|e| TelemetryError::Prometheus(Box::new(e)))?;
-    match builder.install_recorder() {
-        Ok(handle) => {
+    let recorder = builder.build_recorder();
+    let handle = recorder.handle();
+    let installed: Box<dyn metrics::Recorder + Send + Sync> = match layer {
+        Some(layer) => layer(recorder),
+        None => Box::new(recorder),
+    };
+    match metrics::set_global_recorder(installed) {
+        Ok(()) => {
             guard.installed_recorder = true;
             names::describe_metrics();
             spawn_upkeep(&runtime_handle, handle.clone());

@@ -65,7 +65,9 @@ mod timing;
 pub use config::{LogFormat, TelemetryConfig};
 pub use error::TelemetryError;
 #[cfg(feature = "export")]
-pub use init::{LATENCY_BUCKETS, TRACER_NAME, TelemetryGuard, init, try_init};
+pub use init::{
+    LATENCY_BUCKETS, MetricsLayer, TRACER_NAME, TelemetryGuard, init, init_layered, try_init,
+};
 pub use propagation::{
     HeaderSink, HeaderSource, context_from, continue_from_headers, continue_trace,
     current_trace_context, extract_headers, extract_headers_lenient, inject_headers,
