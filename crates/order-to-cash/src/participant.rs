@@ -11,7 +11,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 use sqlx::AnyConnection;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteSynchronous};
-use vextrus_core::outbox::{OutboxRelay, RelayConfig, RelayHandle};
+use vextrus_core::outbox::{Backoff, OutboxRelay, RelayConfig, RelayHandle};
 use vextrus_core::saga::{ReplyOutcome, SagaCommand, SagaReply};
 use vextrus_core::transport::{
     InboundMessage, MessageDelivery, MessageId, MessageSource, OutboundMessage, Transport,
@@ -251,17 +251,47 @@ pub async fn deliver<P: Participant>(
 pub struct ServeConfig {
     /// Commands handled at once (each on its own task).
     pub concurrency: usize,
-    /// The redelivery delay after a failed attempt.
+    /// The cap of the redelivery delay after a message's first failed
+    /// attempt; it doubles per further failed delivery of the same message.
     pub redeliver_after: Duration,
+    /// The largest cap of the redelivery delay.
+    pub redeliver_max: Duration,
 }
 
 impl Default for ServeConfig {
-    /// 64 at once, redelivery after 20 ms.
+    /// 64 at once, redelivery after up to 20 ms, doubling per failed
+    /// delivery, up to 2 s.
     fn default() -> Self {
         Self {
             concurrency: 64,
             redeliver_after: Duration::from_millis(20),
+            redeliver_max: Duration::from_secs(2),
         }
+    }
+}
+
+impl ServeConfig {
+    /// How long a command waits before it is redelivered after its
+    /// `delivery_attempt`-th delivery (1-based) wrote nothing: vextrus's one
+    /// backoff formula ([`Backoff`], exponential from
+    /// [`redeliver_after`](Self::redeliver_after), factor 2, capped at
+    /// [`redeliver_max`](Self::redeliver_max), full jitter), so a database
+    /// that keeps refusing is not hammered and competing redeliveries
+    /// spread out.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use vextrus_order_to_cash::participant::ServeConfig;
+    ///
+    /// let c = ServeConfig::default();
+    /// for _ in 0..100 {
+    ///     assert!(c.redelivery_delay(1) <= Duration::from_millis(20));
+    ///     assert!(c.redelivery_delay(3) <= Duration::from_millis(80));
+    ///     assert!(c.redelivery_delay(40) <= Duration::from_secs(2));
+    /// }
+    /// ```
+    pub fn redelivery_delay(&self, delivery_attempt: u32) -> Duration {
+        Backoff::new(self.redeliver_after, self.redeliver_max, 2.0).delay(delivery_attempt)
     }
 }
 
@@ -269,8 +299,8 @@ impl Default for ServeConfig {
 /// JetStream pull consumer, a Kafka consumer group) until the source closes:
 /// each delivery goes through [`deliver`] on its own task (at most
 /// `config.concurrency` at once) and is acknowledged after its commit, or
-/// negatively acknowledged (redelivered after `config.redeliver_after`)
-/// when nothing was committed. The replies wait in the participant's outbox
+/// negatively acknowledged (redelivered after
+/// [`ServeConfig::redelivery_delay`]) when nothing was committed. The replies wait in the participant's outbox
 /// for its relay ([`vextrus_core::outbox::OutboxRelay`]).
 ///
 /// ```
@@ -345,7 +375,8 @@ where
                 }
                 Err(e) => {
                     tracing::debug!(participant = P::NAME, error = %e, "command not handled; redelivering");
-                    let _ = delivery.nack(config.redeliver_after).await;
+                    let delay = config.redelivery_delay(delivery.message().delivery_attempt);
+                    let _ = delivery.nack(delay).await;
                 }
             }
         });
