@@ -19,7 +19,12 @@
 //! stream row's lock (`UPDATE ... WHERE version = $expected`, or
 //! `INSERT ... ON CONFLICT DO NOTHING` for a new stream), and inserts the
 //! whole batch from arrays with `unnest`. A unique violation (SQLSTATE 23505)
-//! becomes a typed conflict, never a string match.
+//! becomes a typed conflict, never a string match. A single-event pooled
+//! append (without [`NotifyMode::InTransaction`]) skips the function: one
+//! plain statement whose CTE checks and bumps the stream row and whose
+//! `INSERT` takes the new version; only when it writes nothing (the stream
+//! is not at the expected version) does the function run, to classify the
+//! outcome.
 //!
 //! ## The global log never skips an event
 //!
@@ -39,16 +44,37 @@
 //!
 //! The cost: while a transaction of this database that started before an
 //! event's is open, readers of the global log wait for it (appends and
-//! stream reads do not). A rolled-back
-//! transaction stops holding readers the moment it rolls back. The bound on
-//! an abandoned appender is
-//! [`PgStoreConfig::idle_in_transaction_timeout`]: the server ends a session
-//! of the store's pool that sits idle inside a transaction longer than that,
-//! rolling it back. BENCHMARKS.md reports the stall measured. A transaction
-//! that keeps running statements, or one on another pool, is bounded only
-//! by the server's own settings (`idle_in_transaction_session_timeout`,
-//! `statement_timeout`); keep transactions short.
+//! stream reads do not). A rolled-back transaction stops holding readers the
+//! moment it rolls back. The contract that bounds the wait:
+//! **a transaction that appends must finish within
+//! [`PgStoreConfig::max_append_transaction`] of its start** (default 5 s).
+//! When a reader finds the horizon held by a transaction of this database
+//! that has written to `vextrus_events` (it holds the table's
+//! `RowExclusiveLock`) and started longer ago than that, it ends the
+//! holder's session (`pg_terminate_backend`), whatever pool or client it
+//! belongs to and whether it is idle or running statements: the holder's
+//! client gets an error and its transaction rolls back, so nothing it wrote
+//! ever appears and nothing is skipped. A subscriber is thus stalled at most
+//! the bound plus one poll (BENCHMARKS.md reports the stall measured). The
+//! reading role must be allowed to signal the holder (the same role, a
+//! superuser, or `pg_signal_backend`). In addition
+//! [`PgStoreConfig::idle_in_transaction_timeout`] makes the server itself
+//! end a session of the store's own pool that sits idle inside a
+//! transaction. A transaction that holds a transaction id but never wrote
+//! to the log (a projection's or another table's writer) is not ended — it
+//! could still be serving its purpose — and holds readers until it ends or
+//! the server's own settings (`idle_in_transaction_session_timeout`,
+//! `statement_timeout`, `transaction_timeout` on 17+) end it; keep such
+//! transactions short.
 //!
+//! ## Appends: single events
+//!
+//! A single-event pooled append (without [`NotifyMode::InTransaction`]) is
+//! one plain statement instead of the function: a CTE checks and bumps the
+//! stream row, the `INSERT` takes its version. Only when it writes nothing
+//! (the stream is not at the expected version) does the function run, to
+//! classify the outcome.
+
 //! ## Subscriptions and projections
 //!
 //! After a pooled append commits, the store sends `NOTIFY vextrus_events`

@@ -53,9 +53,11 @@ pub enum NotifyMode {
 /// let config = PgStoreConfig::default()
 ///     .max_payload_bytes(64 * 1024)
 ///     .notify(NotifyMode::Off)
-///     .idle_in_transaction_timeout(Some(Duration::from_secs(2)));
+///     .idle_in_transaction_timeout(Some(Duration::from_secs(2)))
+///     .max_append_transaction(Some(Duration::from_secs(2)));
 /// assert_eq!(config.max_payload_bytes, 64 * 1024);
 /// assert_eq!(config.notify, NotifyMode::Off);
+/// assert_eq!(config.max_append_transaction, Some(Duration::from_secs(2)));
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PgStoreConfig {
@@ -74,6 +76,22 @@ pub struct PgStoreConfig {
     /// that appended and then stalled) can hold them back: the server ends
     /// its session and rolls it back. `None` leaves the server's setting.
     pub idle_in_transaction_timeout: Option<Duration>,
+    /// The bound on an appending transaction (default 5 s): a transaction
+    /// that has written to the event log must commit or roll back within
+    /// this long of its start (`BEGIN`). Readers of the global log wait for
+    /// every transaction older than the events they read; when a reader of
+    /// this store finds the log's horizon held by an appending transaction
+    /// (one holding a write lock on `vextrus_events`) of this database that
+    /// started longer ago than this, it ends that transaction's session
+    /// (`pg_terminate_backend`) — on any pool or client, idle or busy — so
+    /// it rolls back: nothing it wrote becomes visible, its client gets an
+    /// error, and subscribers move on. A subscriber is therefore stalled no
+    /// longer than this bound plus one poll. The reading role must be
+    /// allowed to signal the holder (the same role, a superuser or a member
+    /// of `pg_signal_backend`); otherwise the holder is left alone.
+    /// Transactions that hold a transaction id but did not write to the log
+    /// are not ended (see the crate docs). `None`: no bound.
+    pub max_append_transaction: Option<Duration>,
     /// Pool size used by [`PgEventStore::connect_with`] (default 32).
     pub max_connections: u32,
 }
@@ -85,6 +103,7 @@ impl Default for PgStoreConfig {
             notify: NotifyMode::AfterCommit,
             read_page_size: 2000,
             idle_in_transaction_timeout: Some(Duration::from_secs(5)),
+            max_append_transaction: Some(Duration::from_secs(5)),
             max_connections: 32,
         }
     }
@@ -112,6 +131,13 @@ impl PgStoreConfig {
     /// Sets the idle-in-transaction bound of the store's own connections.
     pub fn idle_in_transaction_timeout(mut self, timeout: Option<Duration>) -> Self {
         self.idle_in_transaction_timeout = timeout;
+        self
+    }
+
+    /// Sets the bound on an appending transaction (see
+    /// [`PgStoreConfig::max_append_transaction`]).
+    pub fn max_append_transaction(mut self, bound: Option<Duration>) -> Self {
+        self.max_append_transaction = bound;
         self
     }
 
@@ -262,10 +288,26 @@ impl PgEventStore {
     ) -> Result<AppendResult> {
         let args = AppendArgs::new(events, self.config.max_payload_bytes)?;
         let mut conn = self.pool.acquire().await.map_err(map_sqlx)?;
-        let result = match self
-            .call_append(&mut conn, stream_id, expected, &args, false)
-            .await
-        {
+        let first = if args.ids.len() == 1 && self.config.notify != NotifyMode::InTransaction {
+            // The common case, one event: one plain statement. When it
+            // appends nothing (a version conflict, or the stream's state is
+            // not what was expected), the function classifies the outcome.
+            match self
+                .append_single(&mut conn, stream_id, expected, &args)
+                .await
+            {
+                Ok(Some(r)) => Ok(r),
+                Ok(None) => {
+                    self.call_append(&mut conn, stream_id, expected, &args, false)
+                        .await
+                }
+                Err(e) => Err(e),
+            }
+        } else {
+            self.call_append(&mut conn, stream_id, expected, &args, false)
+                .await
+        };
+        let result = match first {
             // One of these ids is stored already (a re-append, an id used in
             // another stream, or a concurrent append that has committed
             // now): asking again with the check classifies the batch as a
@@ -321,6 +363,52 @@ impl PgEventStore {
         let _ = tx.try_send(());
     }
 
+    /// Appends a single event as one plain statement (no function call, no
+    /// arrays): the stream row's version check and update in a CTE, the
+    /// insert from its result. `None`: the stream row did not match the
+    /// expectation, nothing was written.
+    async fn append_single(
+        &self,
+        conn: &mut PgConnection,
+        stream_id: &StreamId,
+        expected: ExpectedVersion,
+        args: &AppendArgs,
+    ) -> std::result::Result<Option<AppendResult>, AppendFailure> {
+        let (sql, version) = match expected {
+            ExpectedVersion::Exact(0) | ExpectedVersion::NoStream => (APPEND_SINGLE_NEW, None),
+            ExpectedVersion::Any => (APPEND_SINGLE_ANY, None),
+            ExpectedVersion::StreamExists => (APPEND_SINGLE_EXISTS, None),
+            ExpectedVersion::Exact(n) => (APPEND_SINGLE_EXACT, Some(to_i64(n))),
+        };
+        let query = sqlx::query(sql)
+            .bind(stream_id.as_str())
+            .bind(args.ids[0])
+            .bind(&args.types[0])
+            .bind(args.schema_versions[0])
+            .bind(&args.payloads[0])
+            .bind(&args.metadata[0]);
+        let query = match version {
+            Some(v) => query.bind(v),
+            None => query,
+        };
+        let row = query
+            .fetch_optional(conn)
+            .await
+            .map_err(|e| append_error(e, stream_id, expected))?;
+        let Some(row) = row else { return Ok(None) };
+        let get = |e: sqlx::Error| AppendFailure::Store(map_sqlx(e));
+        let position: i64 = row.try_get(0).map_err(get)?;
+        let commit: i64 = row.try_get(1).map_err(get)?;
+        let version: i64 = row.try_get(2).map_err(get)?;
+        let at = GlobalPosition::new(to_u64(commit), to_u64(position));
+        Ok(Some(AppendResult {
+            first_version: to_u64(version),
+            last_version: to_u64(version),
+            first_position: at,
+            last_position: at,
+        }))
+    }
+
     async fn call_append(
         &self,
         conn: &mut PgConnection,
@@ -351,15 +439,7 @@ impl PgEventStore {
         .bind(check_ids)
         .fetch_one(conn)
         .await
-        .map_err(|e| match unique_violation(&e) {
-            Some(c) if c == EVENT_ID_KEY => AppendFailure::EventIdTaken,
-            Some(_) => AppendFailure::Store(EventStoreError::WrongExpectedVersion {
-                stream_id: stream_id.clone(),
-                expected,
-                actual: None,
-            }),
-            None => AppendFailure::Store(map_sqlx(e)),
-        })?;
+        .map_err(|e| append_error(e, stream_id, expected))?;
         let get = |e: sqlx::Error| AppendFailure::Store(map_sqlx(e));
         let outcome: i16 = row.try_get(0).map_err(get)?;
         let version: Option<i64> = row.try_get(1).map_err(get)?;
@@ -449,13 +529,96 @@ impl PgEventStore {
     ) -> Result<GlobalPage> {
         let mut attempt = 0;
         loop {
-            let (page, unplaced) = self.read_all_once(from, filter, limit).await?;
+            let (page, horizon) = self.read_all_once(from, filter, limit).await?;
             attempt += 1;
-            if !unplaced || page.events.len() == limit || attempt >= HORIZON_RETRIES {
+            if let (Some(bound), Some(held)) = (self.config.max_append_transaction, horizon.held)
+                && page.events.len() < limit
+                && held > bound
+                && self.end_overdue_appender(horizon.xid, bound).await?
+            {
+                // The holder's session is ending: read again once it has
+                // gone, and wake every subscriber.
+                return self
+                    .read_after_ending(from, filter, limit, horizon.xid)
+                    .await;
+            }
+            if !horizon.unplaced || page.events.len() == limit || attempt >= HORIZON_RETRIES {
                 return Ok(page);
             }
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
+    }
+
+    /// Ends the session of the transaction `xid` if it holds the global
+    /// log's horizon, belongs to this database, has written to the log and
+    /// started longer than `bound` ago. True if it was signalled.
+    async fn end_overdue_appender(&self, xid: u64, bound: Duration) -> Result<bool> {
+        let ended: Option<(i32, bool)> = sqlx::query_as(
+            "SELECT a.pid, pg_terminate_backend(a.pid) \
+             FROM pg_stat_get_activity(NULL) a \
+             WHERE a.backend_xid = xid($1::bigint::text::xid8) \
+               AND a.datid = (SELECT d.oid FROM pg_database d \
+                              WHERE d.datname = current_database()) \
+               AND a.xact_start < clock_timestamp() - make_interval(secs => $2) \
+               AND EXISTS (SELECT 1 FROM pg_locks l \
+                           WHERE l.pid = a.pid AND l.locktype = 'relation' \
+                             AND l.relation = 'vextrus_events'::regclass \
+                             AND l.mode = 'RowExclusiveLock' AND l.granted) \
+             LIMIT 1",
+        )
+        .bind(to_i64(xid))
+        .bind(bound.as_secs_f64())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_sqlx)?;
+        match ended {
+            Some((pid, true)) => {
+                tracing::warn!(
+                    pid,
+                    xid,
+                    bound_ms = bound.as_millis() as u64,
+                    "vextrus: ended an appending transaction that held the event log's \
+                     read horizon longer than max_append_transaction"
+                );
+                Ok(true)
+            }
+            Some((pid, false)) => {
+                tracing::warn!(
+                    pid,
+                    xid,
+                    "vextrus: could not end an overdue appending transaction (not permitted)"
+                );
+                Ok(false)
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// Reads again after the horizon's holder `xid` was signalled, waiting
+    /// (up to about a second) for its session to end, then wakes every
+    /// subscriber.
+    async fn read_after_ending(
+        &self,
+        from: GlobalPosition,
+        filter: &EventFilter,
+        limit: usize,
+        xid: u64,
+    ) -> Result<GlobalPage> {
+        let mut page;
+        let mut waited = 0;
+        loop {
+            let (p, horizon) = self.read_all_once(from, filter, limit).await?;
+            page = p;
+            waited += 1;
+            if (horizon.xid != xid && !horizon.unplaced) || waited >= 500 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        if self.config.notify != NotifyMode::Off {
+            self.notify_subscribers();
+        }
+        Ok(page)
     }
 
     async fn read_all_once(
@@ -463,14 +626,14 @@ impl PgEventStore {
         from: GlobalPosition,
         filter: &EventFilter,
         limit: usize,
-    ) -> Result<(GlobalPage, bool)> {
+    ) -> Result<(GlobalPage, Horizon)> {
         if limit == 0 {
             return Ok((
                 GlobalPage {
                     events: Vec::new(),
                     scanned_to: from,
                 },
-                false,
+                Horizon::default(),
             ));
         }
         let (category, prefix, types) = filter_params(filter);
@@ -484,7 +647,13 @@ impl PgEventStore {
                 ORDER BY e.transaction_id DESC, e.position DESC \
                 LIMIT 1) \
              SELECT (SELECT tail.c FROM tail), (SELECT tail.p FROM tail), \
-                    (SELECT h.unplaced FROM h), {EVENT_COLUMNS} \
+                    (SELECT h.unplaced FROM h), {EVENT_COLUMNS}, \
+                    (SELECT h.horizon::text::bigint FROM h), \
+                    CASE WHEN (SELECT h.horizon FROM h) < pg_snapshot_xmax(pg_current_snapshot()) \
+                    THEN (SELECT (extract(epoch FROM clock_timestamp() - a.xact_start) \
+                                  * 1000000)::bigint \
+                          FROM pg_stat_get_activity(NULL) a \
+                          WHERE a.backend_xid = xid((SELECT h.horizon FROM h)) LIMIT 1) END \
              FROM (SELECT NULL) AS one \
              LEFT JOIN LATERAL ( \
                 SELECT e.* FROM vextrus_events e \
@@ -510,18 +679,24 @@ impl PgEventStore {
             .map_err(map_sqlx)?;
         // The last readable row after `from`, whether or not the filter
         // kept it: when the page is not full, everything up to it was seen.
-        let (tail, unplaced) = match rows.first() {
+        let (tail, horizon) = match rows.first() {
             Some(r) => {
                 let c: Option<i64> = r.try_get(0).map_err(map_sqlx)?;
                 let p: Option<i64> = r.try_get(1).map_err(map_sqlx)?;
                 let unplaced: Option<bool> = r.try_get(2).map_err(map_sqlx)?;
+                let xid: Option<i64> = r.try_get(HORIZON_COLUMN).map_err(map_sqlx)?;
+                let held_us: Option<i64> = r.try_get(HORIZON_COLUMN + 1).map_err(map_sqlx)?;
                 (
                     c.zip(p)
                         .map(|(c, p)| GlobalPosition::new(to_u64(c), to_u64(p))),
-                    unplaced.unwrap_or(false),
+                    Horizon {
+                        xid: xid.map_or(0, to_u64),
+                        unplaced: unplaced.unwrap_or(false),
+                        held: held_us.map(|us| Duration::from_micros(to_u64(us))),
+                    },
                 )
             }
-            None => (None, false),
+            None => (None, Horizon::default()),
         };
         let mut events = Vec::with_capacity(rows.len());
         for row in &rows {
@@ -536,7 +711,7 @@ impl PgEventStore {
         } else {
             last.max(tail.unwrap_or(from))
         };
-        Ok((GlobalPage { events, scanned_to }, unplaced))
+        Ok((GlobalPage { events, scanned_to }, horizon))
     }
 
     /// How many readable events lie after `from` and pass `filter`.
@@ -601,9 +776,78 @@ impl PgEventStore {
     }
 }
 
+/// The column of a global-log read that holds the horizon (after the tail
+/// position, the unplaced flag and the event columns); the next one holds
+/// how long its transaction has been running.
+const HORIZON_COLUMN: usize = 12;
+
+/// The horizon a global-log read used.
+#[derive(Debug, Default, Clone, Copy)]
+struct Horizon {
+    /// The horizon's transaction id (the oldest running transaction of this
+    /// database, or the next id to be assigned when none runs).
+    xid: u64,
+    /// A running transaction that could not be placed in a database held it.
+    unplaced: bool,
+    /// How long the transaction holding it has been running (`None`: no
+    /// running transaction of this database holds it, or it could not be
+    /// found).
+    held: Option<Duration>,
+}
+
 /// How many times a global-log read asks again when an unplaced transaction
 /// held its horizon.
 const HORIZON_RETRIES: u32 = 5;
+
+/// Types a failed append statement: the unique violation of `event_id` (a
+/// concurrent transaction stored one of the ids) is told apart.
+fn append_error(e: sqlx::Error, stream_id: &StreamId, expected: ExpectedVersion) -> AppendFailure {
+    match unique_violation(&e) {
+        Some(c) if c == EVENT_ID_KEY => AppendFailure::EventIdTaken,
+        Some(_) => AppendFailure::Store(EventStoreError::WrongExpectedVersion {
+            stream_id: stream_id.clone(),
+            expected,
+            actual: None,
+        }),
+        None => AppendFailure::Store(map_sqlx(e)),
+    }
+}
+
+/// A single-event append: `$1` stream, `$2`..`$6` the event's id, type,
+/// schema version, payload and metadata, `$7` the expected version (exact
+/// expectations only); the version CTE `v` checks and bumps the stream row.
+macro_rules! append_single_sql {
+    ($version:literal) => {
+        concat!(
+            "WITH v AS (",
+            $version,
+            ") INSERT INTO vextrus_events \
+             (stream_id, stream_version, event_id, event_type, schema_version, payload, metadata) \
+             SELECT $1, v.version, $2, $3, $4, $5, $6 FROM v \
+             RETURNING position, transaction_id::text::bigint, stream_version"
+        )
+    };
+}
+
+/// A single event on a stream that must not exist.
+const APPEND_SINGLE_NEW: &str = append_single_sql!(
+    "INSERT INTO vextrus_streams (stream_id, version) VALUES ($1, 1) \
+     ON CONFLICT (stream_id) DO NOTHING RETURNING version"
+);
+/// A single event at any version.
+const APPEND_SINGLE_ANY: &str = append_single_sql!(
+    "INSERT INTO vextrus_streams AS s (stream_id, version) VALUES ($1, 1) \
+     ON CONFLICT (stream_id) DO UPDATE SET version = s.version + 1 RETURNING s.version"
+);
+/// A single event on a stream that must exist.
+const APPEND_SINGLE_EXISTS: &str = append_single_sql!(
+    "UPDATE vextrus_streams SET version = version + 1 WHERE stream_id = $1 RETURNING version"
+);
+/// A single event at an exact expected version (`$7`).
+const APPEND_SINGLE_EXACT: &str = append_single_sql!(
+    "UPDATE vextrus_streams SET version = version + 1 \
+     WHERE stream_id = $1 AND version = $7 RETURNING version"
+);
 
 /// Why a call of the append function failed.
 enum AppendFailure {
