@@ -81,6 +81,11 @@ pub(crate) struct DemoArgs {
     /// it waits for the sagas already started.
     #[arg(long)]
     remote_orchestrator: bool,
+    /// The size of each PostgreSQL pool this process opens (default: the
+    /// stores' own, up to 32): several processes of one system on one
+    /// server must stay under its `max_connections` together.
+    #[arg(long)]
+    max_connections: Option<u32>,
     /// Give up waiting for terminal sagas after this many seconds.
     #[arg(long, default_value_t = 300)]
     deadline_secs: u64,
@@ -145,6 +150,7 @@ impl DemoArgs {
             workers: self.workers,
             remote_participants: self.remote_participants,
             remote_orchestrator: self.remote_orchestrator,
+            max_connections: self.max_connections,
             deadline: Duration::from_secs(self.deadline_secs),
             ..DemoConfig::default()
         })

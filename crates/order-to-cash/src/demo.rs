@@ -27,7 +27,7 @@ use vextrus_core::saga::{
 };
 use vextrus_core::{EventAppender, EventReader, SnapshotStore};
 use vextrus_kernel::{AggregateId, CommandContext, Currency, HasErrorKind, Money, Quantity, Sku};
-use vextrus_postgres::{PgEventStore, PgOutbox, PgSagaStore};
+use vextrus_postgres::{PgEventStore, PgOutbox, PgSagaStore, PgStoreConfig};
 use vextrus_sqlite::saga::SqliteSagaStore;
 use vextrus_sqlite::{SqliteEventStore, SqliteOutbox};
 
@@ -99,6 +99,11 @@ pub struct DemoConfig {
     /// its started saga written to the database), waits until every saga
     /// is terminal, and checks.
     pub remote_orchestrator: bool,
+    /// The size of each PostgreSQL pool this process opens (Sales' event
+    /// store, the participants' database, the saga store); `None`: the
+    /// stores' defaults (32, 16, 32). Several processes of one system on
+    /// one server need it smaller than `max_connections` allows.
+    pub max_connections: Option<u32>,
 }
 
 impl Default for DemoConfig {
@@ -123,6 +128,7 @@ impl Default for DemoConfig {
             namespace: None,
             remote_participants: false,
             remote_orchestrator: false,
+            max_connections: None,
         }
     }
 }
@@ -375,9 +381,13 @@ impl<S> System<S> {
     }
 }
 
-async fn build_postgres(url: &str, faults: Arc<FaultInjector>) -> Result<System<PgEventStore>> {
-    let store = open_pg_events(url).await?;
-    let db = Database::connect_with(url, Durability::Full, 16).await?;
+async fn build_postgres(
+    url: &str,
+    faults: Arc<FaultInjector>,
+    max_connections: Option<u32>,
+) -> Result<System<PgEventStore>> {
+    let store = open_pg_events(url, max_connections).await?;
+    let db = Database::connect_with(url, Durability::Full, max_connections.unwrap_or(16)).await?;
     let mut system = System {
         sales: Arc::new(Sales::new(store)),
         inventory: Arc::new(Inventory::new(db.clone(), faults.clone())),
@@ -390,8 +400,14 @@ async fn build_postgres(url: &str, faults: Arc<FaultInjector>) -> Result<System<
     Ok(system)
 }
 
-async fn open_pg_events(url: &str) -> Result<PgEventStore> {
-    let store = PgEventStore::connect(url).await.map_err(store_error)?;
+async fn open_pg_events(url: &str, max_connections: Option<u32>) -> Result<PgEventStore> {
+    let mut pg = PgStoreConfig::default();
+    if let Some(n) = max_connections {
+        pg = pg.max_connections(n);
+    }
+    let store = PgEventStore::connect_with(url, pg)
+        .await
+        .map_err(store_error)?;
     store.migrate().await.map_err(store_error)?;
     Ok(store)
 }
@@ -449,8 +465,13 @@ pub async fn sqlite_saga_store(dir: &std::path::Path) -> Result<SqliteSagaStore>
 /// The orchestrator's saga store on PostgreSQL at `url` (its own pool),
 /// migrated.
 pub async fn pg_saga_store(url: &str) -> Result<PgSagaStore> {
+    pg_saga_store_sized(url, None).await
+}
+
+/// [`pg_saga_store`] with a pool of `max_connections` (`None`: the default).
+async fn pg_saga_store_sized(url: &str, max_connections: Option<u32>) -> Result<PgSagaStore> {
     Ok(PgSagaStore::new(
-        PgOutbox::new(open_pg_events(url).await?),
+        PgOutbox::new(open_pg_events(url, max_connections).await?),
         REPLIES,
     ))
 }
@@ -516,8 +537,8 @@ pub async fn run_demo(config: DemoConfig, progress: Option<ProgressFn>) -> Resul
     let faults = Arc::new(injector(&config));
     let broker = BrokerUrl::parse(config.broker.as_deref())?;
     if let Some(url) = &config.database_url {
-        let system = build_postgres(url, faults.clone()).await?;
-        let store = pg_saga_store(url).await?;
+        let system = build_postgres(url, faults.clone(), config.max_connections).await?;
+        let store = pg_saga_store_sized(url, config.max_connections).await?;
         return on_broker(config, system, store, faults, progress, broker).await;
     }
     let temp;
@@ -587,7 +608,7 @@ pub async fn serve_participants(
     let namespace = service_namespace(&config)?;
     let faults = Arc::new(FaultInjector::new(config.seed, config.faults));
     let system = if let Some(url) = &config.database_url {
-        PartsOf::Pg(build_postgres(url, faults).await?)
+        PartsOf::Pg(build_postgres(url, faults, config.max_connections).await?)
     } else {
         let Some(dir) = &config.data_dir else {
             return Err(Error::invalid(
@@ -644,8 +665,10 @@ pub async fn serve_orchestrator(
     let namespace = service_namespace(&config)?;
     let faults = Arc::new(injector(&config));
     if let Some(url) = &config.database_url {
-        let sales = Arc::new(Sales::new(open_pg_events(url).await?));
-        let store = pg_saga_store(url).await?;
+        let sales = Arc::new(Sales::new(
+            open_pg_events(url, config.max_connections).await?,
+        ));
+        let store = pg_saga_store_sized(url, config.max_connections).await?;
         return orchestrator_on(config, sales, store, faults, namespace, shutdown).await;
     }
     let Some(dir) = config.data_dir.clone() else {
