@@ -8,38 +8,9 @@
 
 mod common;
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-
 use common::{brokers, source, topic};
 use vextrus_sqlite::{SqliteEventStore, SqliteOutbox};
-use vextrus_testkit::relay_crash::{CrashScenario, run_relay_crash};
-
-fn worker_binary() -> PathBuf {
-    // target/<profile>/deps/relay_crash-<hash> -> target/<profile>/examples/kafka_relay_worker
-    let exe = std::env::current_exe().unwrap();
-    let path = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .unwrap()
-        .join("examples")
-        .join("kafka_relay_worker");
-    assert!(
-        path.exists(),
-        "{} is missing: `cargo test -p vextrus-kafka` builds the examples (or run `cargo build -p vextrus-kafka --example kafka_relay_worker` first)",
-        path.display()
-    );
-    path
-}
-
-fn spawn_worker(sqlite_url: &str, n: usize) -> Child {
-    Command::new(worker_binary())
-        .args([sqlite_url, &brokers(), &format!("crash-{n}")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start the relay worker")
-}
+use vextrus_testkit::relay_crash::{CrashScenario, example_binary, run_relay_crash, spawn_quiet};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_killed_50_times_loses_nothing_and_the_inbox_applies_each_message_once() {
@@ -48,17 +19,15 @@ async fn a_relay_killed_50_times_loses_nothing_and_the_inbox_applies_each_messag
     let sqlite_url = format!("sqlite:{}?mode=rwc", dir.path().join("outbox.db").display());
     let outbox = SqliteOutbox::new(SqliteEventStore::connect(&sqlite_url).await.unwrap());
     outbox.migrate().await.unwrap();
-    let scenario = CrashScenario::default();
+    let worker = example_binary("vextrus-kafka", "kafka_relay_worker");
+    let brokers = brokers();
     let report = run_relay_crash(
         &outbox,
         &destination,
-        &scenario,
-        |n| spawn_worker(&sqlite_url, n),
+        &CrashScenario::default(),
+        |n| spawn_quiet(&worker, &[&sqlite_url, &brokers, &format!("crash-{n}")]),
         || async { source(&destination) },
     )
     .await;
-    println!(
-        "{} kills; published after each: {:?}; consumer: {} processed, {} duplicates",
-        scenario.kills, report.published_at_kills, report.processed, report.duplicates
-    );
+    println!("{report}");
 }

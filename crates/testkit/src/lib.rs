@@ -18,6 +18,7 @@ pub mod inbox;
 pub mod outbox;
 pub mod relay_bench;
 pub mod relay_crash;
+pub mod relay_inbox;
 pub mod saga;
 pub mod transport;
 

@@ -15,18 +15,16 @@
 use std::collections::HashSet;
 use std::future::Future;
 use std::ops::Range;
+use std::path::PathBuf;
 use std::process::Child;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde_json::json;
-use vextrus_core::BoxError;
-use vextrus_core::inbox::{InboxConfig, InboxConsumer, InboxHandler, InboxOutcome};
-use vextrus_core::outbox::{
-    Backoff, DeadLetters, InMemoryOutbox, InMemoryUnitOfWorkTx, OutboxStore,
-};
-use vextrus_core::transport::{InboundMessage, MessageId, MessageSource, OutboundMessage};
+use vextrus_core::inbox::InboxOutcome;
+use vextrus_core::outbox::{DeadLetters, OutboxStore};
+use vextrus_core::transport::{MessageId, MessageSource, OutboundMessage};
 use vextrus_kernel::EventMetadata;
+
+use crate::relay_inbox::{counting_consumer, effect_count};
 
 /// How big the run is.
 #[derive(Debug, Clone)]
@@ -74,27 +72,49 @@ pub struct CrashReport {
     pub duplicates: usize,
 }
 
-/// Counts effects per message id in the consumer's store.
-#[derive(Clone, Default)]
-struct CountingHandler {
-    runs: Arc<Mutex<u64>>,
+impl std::fmt::Display for CrashReport {
+    /// `N kills; published after each: [..]; consumer: P processed, D duplicates`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} kills; published after each: {:?}; consumer: {} processed, {} duplicates",
+            self.published_at_kills.len(),
+            self.published_at_kills,
+            self.processed,
+            self.duplicates
+        )
+    }
 }
 
-impl InboxHandler<InMemoryUnitOfWorkTx> for CountingHandler {
-    async fn handle(
-        &self,
-        tx: &mut InMemoryUnitOfWorkTx,
-        message: &InboundMessage,
-    ) -> Result<(), BoxError> {
-        *self.runs.lock().unwrap_or_else(|p| p.into_inner()) += 1;
-        let key = message.id.to_string();
-        let count = tx
-            .get("effects", &key)
-            .and_then(|v| v.as_u64())
-            .unwrap_or(0);
-        tx.put("effects", &key, json!(count + 1));
-        Ok(())
-    }
+/// The path of example `name` of package `package`, built beside the
+/// running test binary (`target/<profile>/deps/<test>-<hash>` →
+/// `target/<profile>/examples/<name>`); panics, saying how to build it, when
+/// it is missing. `cargo test -p <package>` builds the examples.
+pub fn example_binary(package: &str, name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let path = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>/deps")
+        .join("examples")
+        .join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: `cargo test -p {package}` builds the examples (or run `cargo build -p {package} --example {name}` first)",
+        path.display()
+    );
+    path
+}
+
+/// Starts `binary` with `args`, its output discarded: one relay worker
+/// process for [`run_relay_crash`].
+pub fn spawn_quiet(binary: &std::path::Path, args: &[&str]) -> Child {
+    std::process::Command::new(binary)
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap_or_else(|err| panic!("start {}: {err}", binary.display()))
 }
 
 fn random_life(range: &Range<u64>) -> Duration {
@@ -189,18 +209,7 @@ where
     last.wait().expect("reap the last relay");
 
     // The consumer: every message, its effect once.
-    let store = InMemoryOutbox::new();
-    let handler = CountingHandler::default();
-    let mut consumer = InboxConsumer::new(
-        store.clone(),
-        open_source().await,
-        handler.clone(),
-        InboxConfig::new("crash-consumer").backoff(Backoff::new(
-            Duration::from_millis(10),
-            Duration::from_millis(100),
-            2.0,
-        )),
-    );
+    let (store, handler, mut consumer) = counting_consumer("crash-consumer", open_source().await);
     let (mut processed, mut duplicates) = (0usize, 0usize);
     loop {
         let wait = if processed < scenario.messages { 20 } else { 2 };
@@ -221,16 +230,13 @@ where
     assert_eq!(processed, scenario.messages, "each message processed once");
     for message in &sent {
         assert_eq!(
-            store.document("effects", &message.id.to_string()),
-            Some(json!(1)),
+            effect_count(&store, message),
+            Some(1),
             "effect of {} exactly once",
             message.id
         );
     }
-    assert_eq!(
-        *handler.runs.lock().unwrap_or_else(|p| p.into_inner()),
-        scenario.messages as u64
-    );
+    assert_eq!(handler.runs(), scenario.messages as u64);
     let ids: HashSet<MessageId> = sent.iter().map(|m| m.id).collect();
     assert_eq!(ids.len(), scenario.messages);
     CrashReport {
