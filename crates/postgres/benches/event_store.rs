@@ -546,7 +546,16 @@ async fn main() {
     // Subscriber lag under a long transaction (once): a transaction that
     // appended stays open for 500 ms while a writer appends every 10 ms; the
     // subscriber's worst lag from commit to delivery.
-    let lag = long_transaction_lag(&store, Duration::from_millis(500)).await;
+    let lag = long_transaction_lag(&store, Duration::from_millis(500), None).await;
+    // The same with an appender that never finishes and keeps running
+    // statements on its own connection, under a 1 s
+    // `max_append_transaction`: the reader ends it after the bound.
+    let bound = Duration::from_secs(1);
+    let bounded = PgEventStore::with_config(
+        store.pool().clone(),
+        PgStoreConfig::default().max_append_transaction(Some(bound)),
+    );
+    let busy_lag = long_transaction_lag(&bounded, bound, Some(&url)).await;
 
     let ratio = |a: &str, b: &str| results.ratio(a, b);
     println!();
@@ -630,6 +639,10 @@ async fn main() {
         "subscriber lag while a 500 ms transaction is open: max {:?}, median {:?} (events committed during the hold wait for it)",
         lag.0, lag.1
     );
+    println!(
+        "subscriber lag while an appender on another connection keeps running statements, max_append_transaction {bound:?}: max {:?}, median {:?} (the reader ends it after the bound)",
+        busy_lag.0, busy_lag.1
+    );
     println!();
     println!("all runs (events/s):");
     for (name, vs) in &results.rows {
@@ -647,8 +660,15 @@ async fn main() {
 }
 
 /// Worst and median delay between an event's commit and its delivery to a
-/// subscriber, while one transaction that appended stays open for `hold`.
-async fn long_transaction_lag(store: &PgEventStore, hold: Duration) -> (Duration, Duration) {
+/// subscriber, while one transaction that appended stays open for `hold`
+/// and commits; or, with `busy_on` (a database URL), while one that
+/// appended on its own connection keeps running statements until it is
+/// ended (`hold` is then the store's `max_append_transaction`).
+async fn long_transaction_lag(
+    store: &PgEventStore,
+    hold: Duration,
+    busy_on: Option<&str>,
+) -> (Duration, Duration) {
     let mut from = GlobalPosition::START;
     loop {
         let page = store
@@ -684,8 +704,34 @@ async fn long_transaction_lag(store: &PgEventStore, hold: Duration) -> (Duration
     };
     let holder = {
         let store = store.clone();
+        let busy_on = busy_on.map(str::to_owned);
         tokio::spawn(async move {
             tokio::time::sleep(hold / 4).await;
+            if let Some(url) = busy_on {
+                let mut conn = PgConnection::connect(&url).await.expect("connect");
+                let mut tx = conn.begin().await.expect("begin");
+                store
+                    .append_in_tx(
+                        &mut tx,
+                        &StreamId::new("lag-busy-holder").expect("id"),
+                        ExpectedVersion::Any,
+                        &[new_event(0)],
+                    )
+                    .await
+                    .expect("held append");
+                let started = Instant::now();
+                while sqlx::query("SELECT pg_sleep(0.05)")
+                    .execute(&mut *tx)
+                    .await
+                    .is_ok()
+                {
+                    assert!(
+                        started.elapsed() < hold * 10,
+                        "the busy holder was not ended"
+                    );
+                }
+                return;
+            }
             let mut tx = store.pool().begin().await.expect("begin");
             store
                 .append_in_tx(
