@@ -9,6 +9,7 @@ use std::io::Write;
 use std::time::Duration;
 
 use anyhow::Result;
+use chrono::{DateTime, Utc};
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 use vextrus_core::outbox::{DeadLetters, OutboxError, OutboxMessage, OutboxStore};
@@ -40,8 +41,11 @@ enum OutboxCommand {
         json: bool,
     },
     /// Print dead letters as JSON lines, oldest first: id, destination,
-    /// partition key, attempts, last error, when the last attempt was due,
-    /// headers, and the payload (UTF-8 text, or base64 when it is not text).
+    /// partition key, attempts, last error, since when it is dead
+    /// (`dead_since`: when its fatal attempt was due; the stores keep no
+    /// time of death, the attempt ran at or soon after this) and for how long
+    /// at most (`dead_for_ms`, `dead_for`), created-at, headers, and the
+    /// payload (UTF-8 text, or base64 when it is not text).
     DeadLetters {
         /// Print at most this many.
         #[arg(long, default_value_t = 100)]
@@ -183,6 +187,7 @@ pub(crate) async fn run(args: OutboxArgs) -> Result<()> {
                 limit
             };
             let rows = with_outbox!(outbox, o => o.dead_letters(fetch).await)?;
+            let now = Utc::now();
             let stdout = std::io::stdout();
             let mut out = std::io::BufWriter::new(stdout.lock());
             for row in rows
@@ -194,7 +199,7 @@ pub(crate) async fn run(args: OutboxArgs) -> Result<()> {
                 })
                 .take(limit)
             {
-                serde_json::to_writer(&mut out, &dead_letter_json(row))?;
+                serde_json::to_writer(&mut out, &dead_letter_json(row, now))?;
                 out.write_all(b"\n")?;
             }
             out.flush()?;
@@ -248,17 +253,23 @@ async fn refused<O: OutboxStore>(
     }
 }
 
-/// One dead letter as a JSON object.
+/// One dead letter as a JSON object, `now` being when it is listed.
 ///
-/// The store does not record when a message died; it died on its last
-/// attempt, which was due at `last_attempt_due_at` (the message's
-/// `created_at` when it died on its first attempt).
-fn dead_letter_json(row: &OutboxMessage) -> Value {
+/// The stores do not record when a message died. It died on its last
+/// attempt, and a store leaves `next_attempt_at` as it was when the message
+/// dies, so that is when the fatal attempt was due (the message's
+/// `created_at` when it died on its first attempt); the relay ran it then or
+/// soon after (a poll interval, or a backlog, later). `dead_since` is that
+/// instant (also under its older name `last_attempt_due_at`), and
+/// `dead_for_ms` / `dead_for` the time since it, an upper bound on how long
+/// the message has been dead.
+fn dead_letter_json(row: &OutboxMessage, now: DateTime<Utc>) -> Value {
     let m = &row.message;
     let (payload, encoding) = match std::str::from_utf8(&m.payload) {
         Ok(text) => (text.to_owned(), "utf8"),
         Err(_) => (base64(&m.payload), "base64"),
     };
+    let dead_for = (now - row.next_attempt_at).to_std().unwrap_or_default();
     json!({
         "id": m.id.to_string(),
         "destination": m.destination,
@@ -266,6 +277,9 @@ fn dead_letter_json(row: &OutboxMessage) -> Value {
         "sequence": row.sequence,
         "attempts": row.attempts,
         "last_error": row.last_error,
+        "dead_since": row.next_attempt_at,
+        "dead_for_ms": u64::try_from(dead_for.as_millis()).unwrap_or(u64::MAX),
+        "dead_for": human_duration(dead_for),
         "last_attempt_due_at": row.next_attempt_at,
         "created_at": m.created_at,
         "headers": m.headers,
@@ -333,6 +347,8 @@ fn base64(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vextrus_core::outbox::OutboxStatus;
+    use vextrus_core::transport::OutboundMessage;
 
     #[test]
     fn base64_matches_rfc_4648_vectors() {
@@ -356,6 +372,36 @@ mod tests {
         assert!(err.downcast_ref::<BadInput>().is_some());
         assert!(err.to_string().contains("malformed message id"), "{err}");
         assert!(parse_id("01936f0e-7c1a-7000-8000-000000000000").is_ok());
+    }
+
+    #[test]
+    fn a_dead_letter_is_dead_since_its_fatal_attempt_was_due() {
+        let message = OutboundMessage::new("orders", "k", vec![0xff]);
+        let mut row = OutboxMessage::pending(message.clone(), 7);
+        row.status = OutboxStatus::Dead;
+        row.attempts = 3;
+        row.last_error = Some("timeout".into());
+        row.next_attempt_at = message.created_at + chrono::Duration::seconds(10);
+        let now = row.next_attempt_at + chrono::Duration::milliseconds(184_250);
+        let json = dead_letter_json(&row, now);
+        let due = serde_json::to_value(row.next_attempt_at).unwrap();
+        assert_eq!(json["dead_since"], due);
+        assert_eq!(json["last_attempt_due_at"], due);
+        assert_eq!(json["dead_for_ms"], 184_250);
+        assert_eq!(json["dead_for"], "3m 04s");
+        assert_eq!(
+            json["created_at"],
+            serde_json::to_value(message.created_at).unwrap()
+        );
+        assert_eq!(
+            (json["attempts"].clone(), json["sequence"].clone()),
+            (json!(3), json!(7))
+        );
+        assert_eq!(json["last_error"], "timeout");
+        assert_eq!(json["payload_encoding"], "base64");
+        // A clock behind the store's: never a negative age.
+        let json = dead_letter_json(&row, message.created_at);
+        assert_eq!(json["dead_for_ms"], 0);
     }
 
     #[test]

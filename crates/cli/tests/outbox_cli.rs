@@ -6,6 +6,7 @@
 use std::process::{Command, Output};
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use serde_json::Value;
 use vextrus_core::outbox::{
     ClaimRequest, DeadLetterPolicy, DeadLetters, FailureOutcome, OutboxClaimer, OutboxStatus,
@@ -69,6 +70,12 @@ fn dead_now(error: &str) -> PublishFailure {
     }
 }
 
+/// A dead letter's `dead_since`.
+fn since(row: &Value) -> DateTime<Utc> {
+    serde_json::from_value(row["dead_since"].clone())
+        .unwrap_or_else(|err| panic!("dead_since in {row}: {err}"))
+}
+
 /// Bytes that are not UTF-8, and their base64.
 const BINARY: &[u8] = &[0xff, 0xfe, 0x00, 0x80];
 const BINARY_B64: &str = "//4AgA==";
@@ -94,7 +101,7 @@ where
     assert_eq!(status["oldest_pending_age_ms"], Value::Null);
     assert!(ok(db, &["outbox", "dead-letters"]).is_empty());
 
-    rt.block_on(async {
+    let (c1_due_from, c1_due_to) = rt.block_on(async {
         outbox.enqueue(&all).await.unwrap();
         let batch = outbox
             .claim(&ClaimRequest {
@@ -126,16 +133,22 @@ where
             max_attempts: 3,
             dead_now: false,
         };
-        for n in 1..=2 {
-            assert!(matches!(
-                outbox.mark_failed(c1.id, &retry(n)).await.unwrap(),
-                FailureOutcome::Retrying { .. }
-            ));
-        }
+        assert!(matches!(
+            outbox.mark_failed(c1.id, &retry(1)).await.unwrap(),
+            FailureOutcome::Retrying { .. }
+        ));
+        // The second failure makes the third (fatal) attempt due now.
+        let due_from = Utc::now();
+        assert!(matches!(
+            outbox.mark_failed(c1.id, &retry(2)).await.unwrap(),
+            FailureOutcome::Retrying { .. }
+        ));
+        let due_to = Utc::now();
         assert!(matches!(
             outbox.mark_failed(c1.id, &retry(3)).await.unwrap(),
             FailureOutcome::Dead { attempts: 3 }
         ));
+        (due_from, due_to)
     });
 
     // Status: exact numbers, as JSON and as a table.
@@ -159,7 +172,9 @@ where
     }
 
     // Dead letters: exactly b1 then c1, with their details.
+    let listed_from = Utc::now();
     let dead = ok(db, &["outbox", "dead-letters"]);
+    let listed_to = Utc::now();
     assert_eq!(dead.len(), 2, "{dead:?}");
     assert_eq!(dead[0]["id"], b1.id.to_string());
     assert_eq!(dead[0]["destination"], "orders");
@@ -169,7 +184,35 @@ where
     assert_eq!(dead[0]["headers"]["tenant"], "acme");
     assert_eq!(dead[0]["payload"], "{\"n\":3}");
     assert_eq!(dead[0]["payload_encoding"], "utf8");
-    assert!(dead[0]["last_attempt_due_at"].is_string());
+    // Dead since: b1 died on its first attempt, due when it was created;
+    // c1 on its third, due when its second failure was recorded.
+    let b1_since = since(&dead[0]);
+    assert!(
+        (b1_since - b1.created_at).num_microseconds().unwrap().abs() <= 1,
+        "b1 dead since {b1_since}, created {}",
+        b1.created_at
+    );
+    let c1_since = since(&dead[1]);
+    let micro = chrono::Duration::microseconds(1);
+    assert!(
+        c1_due_from - micro <= c1_since && c1_since <= c1_due_to + micro,
+        "c1 dead since {c1_since}, not within {c1_due_from}..{c1_due_to}"
+    );
+    for (row, since) in [(&dead[0], b1_since), (&dead[1], c1_since)] {
+        let ms = row["dead_for_ms"].as_i64().expect("dead_for_ms");
+        assert!(
+            (listed_from - since).num_milliseconds() - 1 <= ms
+                && ms <= (listed_to - since).num_milliseconds() + 1,
+            "dead for {ms} ms, since {since}, listed {listed_from}..{listed_to}"
+        );
+        assert!(row["dead_for"].as_str().is_some_and(|s| !s.is_empty()));
+        assert_eq!(row["last_attempt_due_at"], row["dead_since"]);
+    }
+    assert!(b1_since <= c1_since);
+    assert_eq!(
+        dead[1]["created_at"],
+        serde_json::to_value(c1.created_at).unwrap()
+    );
     assert_eq!(dead[1]["id"], c1.id.to_string());
     assert_eq!(dead[1]["attempts"], 3);
     assert_eq!(dead[1]["last_error"], "timeout #3");
