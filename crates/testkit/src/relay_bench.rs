@@ -23,7 +23,11 @@
 //! median. Settings come from the environment: `VEXTRUS_BENCH_MESSAGES`
 //! (default 20000), `VEXTRUS_BENCH_RUNS` (3), `VEXTRUS_BENCH_KEYS` (50
 //! partition keys), `VEXTRUS_BENCH_RELAY_WORKERS` (3), batches of
-//! `VEXTRUS_BENCH_BATCH` (1024).
+//! `VEXTRUS_BENCH_BATCH` (1024). Otherwise the relay runs with
+//! [`RelayConfig::new`]'s defaults: between empty claims its workers wait for
+//! the store's wake-ups (LISTEN/NOTIFY, the in-memory watch) or the 500 ms
+//! poll. (A 5 ms poll had idle workers re-run empty claims against the
+//! database being measured hundreds of times a second.)
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -139,7 +143,6 @@ impl BenchSettings {
         let mut config = RelayConfig::new(format!("{name}-{}", uuid::Uuid::new_v4().simple()));
         config.workers = self.workers;
         config.batch_size = self.batch_size;
-        config.poll_interval = Duration::from_millis(5);
         config.backoff = Backoff::new(Duration::from_millis(10), Duration::from_millis(500), 2.0);
         config.key_pipelining = mode;
         config

@@ -211,6 +211,9 @@ impl OutboxStore for InMemoryOutbox {
 
 impl OutboxClaimer for InMemoryOutbox {
     async fn claim(&self, req: &ClaimRequest) -> OutboxResult<Vec<OutboxMessage>> {
+        if req.limit == 0 {
+            return Ok(Vec::new());
+        }
         let now = Utc::now();
         let lease_until =
             now + chrono::Duration::from_std(req.lease).unwrap_or(chrono::Duration::MAX);
@@ -233,13 +236,31 @@ impl OutboxClaimer for InMemoryOutbox {
                 heads.push((h, key));
             }
         }
+        // Each key's run of claimable messages from its head, at most
+        // `per_key` of them (twice the key's fair share of the batch, at
+        // least 64); the batch is the runs' first messages in sequence
+        // order, so it spreads over the keys rather than holding a few
+        // keys' long runs (the same rule as PgOutbox).
+        let per_key = req.limit.min(
+            req.limit
+                .div_ceil(heads.len().max(1))
+                .saturating_mul(2)
+                .max(64),
+        );
         heads.sort_unstable();
-        let mut picked = Vec::new();
-        for (_, key) in heads {
-            if picked.len() >= req.limit {
+        let mut picked: Vec<(u64, MessageId)> = Vec::new();
+        // Once `limit` messages are picked, nothing after the last of them
+        // can be: keys whose head comes later are not read.
+        let mut bound = u64::MAX;
+        for (head, key) in heads {
+            if head > bound {
                 break;
             }
-            for s in &st.keys[key] {
+            let mut taken = 0;
+            for s in st.keys[key].range(head..) {
+                if *s > bound {
+                    break;
+                }
                 let row = &st.rows[&st.by_sequence[s]];
                 match row.msg.status {
                     OutboxStatus::Dead if req.dead_letter_policy == DeadLetterPolicy::SkipKey => {
@@ -248,16 +269,23 @@ impl OutboxClaimer for InMemoryOutbox {
                     OutboxStatus::Pending => {}
                     _ => break,
                 }
-                if !free(row) || row.msg.next_attempt_at > now || picked.len() >= req.limit {
+                if !free(row) || row.msg.next_attempt_at > now || taken >= per_key {
                     break;
                 }
-                picked.push(row.msg.id());
+                picked.push((*s, row.msg.id()));
+                taken += 1;
+            }
+            if picked.len() >= req.limit {
+                picked.sort_unstable();
+                picked.truncate(req.limit);
+                bound = picked[req.limit - 1].0;
             }
         }
-        picked.sort_unstable_by_key(|id| st.rows[id].msg.sequence);
+        picked.sort_unstable();
+        picked.truncate(req.limit);
         Ok(picked
             .into_iter()
-            .map(|id| {
+            .map(|(_, id)| {
                 let row = st.rows.get_mut(&id).expect("picked rows exist");
                 row.claim = Some((req.worker.clone(), lease_until));
                 row.msg.clone()
