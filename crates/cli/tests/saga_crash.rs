@@ -16,7 +16,10 @@
 //!   a process too (not the library: it is the command an operator runs,
 //!   and its exit code is the invariant check): it places the orders into
 //!   the database, waits until every saga is terminal, prints its report
-//!   and exits 1 if an invariant fails.
+//!   and exits 1 if an invariant fails. If it ends on a database outage
+//!   before its report (`unavailable`: the shared server out of
+//!   connections, say), it is run again, at most 3 times: a re-run resumes,
+//!   placing nothing twice.
 //!
 //! Default failure injection is on in every process (declined payments,
 //! stock out, shipping refusals, participant crashes, delayed replies,
@@ -118,6 +121,8 @@ struct Procs {
     logs: PathBuf,
     children: Vec<(String, Child)>,
     spawned: usize,
+    /// Each name's latest stdout and stderr log.
+    last_logs: Vec<(String, PathBuf, PathBuf)>,
 }
 
 impl Procs {
@@ -126,6 +131,7 @@ impl Procs {
             logs: logs.to_path_buf(),
             children: Vec::new(),
             spawned: 0,
+            last_logs: Vec::new(),
         }
     }
 
@@ -143,6 +149,26 @@ impl Procs {
             .spawn()
             .unwrap_or_else(|e| panic!("start {name}: {e}"));
         self.children.push((name.to_owned(), child));
+        self.last_logs.retain(|(n, _, _)| n != name);
+        self.last_logs.push((name.to_owned(), out, err));
+    }
+
+    /// What the latest `name` printed: (stdout, stderr).
+    fn output(&self, name: &str) -> (String, String) {
+        let (_, out, err) = self
+            .last_logs
+            .iter()
+            .find(|(n, _, _)| n == name)
+            .unwrap_or_else(|| panic!("no process {name}"));
+        (
+            std::fs::read_to_string(out).unwrap_or_default(),
+            std::fs::read_to_string(err).unwrap_or_default(),
+        )
+    }
+
+    /// Drops `name`, which has exited, from the processes to kill.
+    fn forget(&mut self, name: &str) {
+        self.children.retain(|(n, _)| n != name);
     }
 
     fn find(&mut self, name: &str) -> &mut Child {
@@ -334,19 +360,17 @@ fn orchestrator_sigkilled_at_random_points_loses_no_saga() {
     }
     procs.spawn("orchestrator", &with(&["serve", "--role", "orchestrator"]));
     let deadline_secs = 600u64;
-    procs.spawn(
-        "placer",
-        &with(&[
-            "demo",
-            "--remote-participants",
-            "--remote-orchestrator",
-            "--orders",
-            &orders.to_string(),
-            "--deadline-secs",
-            &deadline_secs.to_string(),
-            "--quiet",
-        ]),
-    );
+    let placer_args = with(&[
+        "demo",
+        "--remote-participants",
+        "--remote-orchestrator",
+        "--orders",
+        &orders.to_string(),
+        "--deadline-secs",
+        &deadline_secs.to_string(),
+        "--quiet",
+    ]);
+    procs.spawn("placer", &placer_args);
 
     let started = Instant::now();
     let mut rng = Rng(seed);
@@ -355,8 +379,28 @@ fn orchestrator_sigkilled_at_random_points_loses_no_saga() {
     let mut kills_in_flight = 0usize;
     let mut kills_compensating = 0usize;
     let mut compensating_at_kill: BTreeSet<Uuid> = BTreeSet::new();
+    // The placer is a client of the database like any other: when it ends
+    // on an outage (the shared server refusing connections, say) before
+    // printing a report, it is run again, and the run resumes (orders and
+    // sagas are keyed by the seed: nothing is placed twice).
+    let mut placer_restarts = 0;
     let placer_status = loop {
         if let Some(status) = procs.exited("placer") {
+            let (out, err) = procs.output("placer");
+            if !status.success()
+                && out.trim().is_empty()
+                && err.contains("unavailable")
+                && placer_restarts < 3
+            {
+                placer_restarts += 1;
+                println!(
+                    "placer ended on an outage ({status}), run again: {}",
+                    err.trim()
+                );
+                procs.forget("placer");
+                procs.spawn("placer", &placer_args);
+                continue;
+            }
             break status;
         }
         procs.assert_alive("placer");
@@ -373,6 +417,7 @@ fn orchestrator_sigkilled_at_random_points_loses_no_saga() {
         // restart after a random gap.
         std::thread::sleep(rng.millis(300, 4_000));
         if procs.exited("placer").is_some() {
+            // Handled at the top of the loop.
             continue;
         }
         procs.kill("orchestrator");
@@ -400,7 +445,7 @@ fn orchestrator_sigkilled_at_random_points_loses_no_saga() {
     println!("{placer_out}");
     println!(
         "{kills} kills ({kills_in_flight} with sagas in flight), {kills_compensating} while sagas \
-         were compensating ({} sagas), run {:.1} s",
+         were compensating ({} sagas), {placer_restarts} placer restarts, run {:.1} s",
         compensating_at_kill.len(),
         elapsed.as_secs_f64()
     );
