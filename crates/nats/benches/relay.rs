@@ -18,7 +18,7 @@ use sqlx::{Connection, PgConnection};
 use uuid::Uuid;
 use vextrus_core::transport::OutboundMessage;
 use vextrus_nats::{JetStreamConfig, JetStreamTransport, StreamSpec};
-use vextrus_postgres::{PgEventStore, PgOutbox};
+use vextrus_postgres::{PgEventStore, PgOutbox, PgStoreConfig};
 use vextrus_testkit::relay_bench::{self, BenchBroker, BenchOutbox};
 
 /// Acks awaited per window of the raw pipelined client.
@@ -130,17 +130,34 @@ impl BenchOutbox for Postgres {
 
     async fn fresh(&self) -> PgOutbox {
         let name = format!("vextrus_bench_{}", Uuid::now_v7().simple());
-        let mut conn = PgConnection::connect(&self.admin)
-            .await
-            .unwrap_or_else(|e| panic!("PostgreSQL is required at {}: {e}", self.admin));
+        // The server is shared: when its connection slots are full, wait
+        // for one (up to two minutes) rather than abort the run.
+        let mut tries = 0;
+        let mut conn = loop {
+            match PgConnection::connect(&self.admin).await {
+                Ok(conn) => break conn,
+                Err(e) if tries < 240 => {
+                    tries += 1;
+                    eprintln!("waiting for PostgreSQL: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                }
+                Err(e) => panic!("PostgreSQL is required at {}: {e}", self.admin),
+            }
+        };
         sqlx::query(&format!("CREATE DATABASE \"{name}\""))
             .execute(&mut conn)
             .await
             .expect("create database");
         self.created.lock().unwrap().push(name.clone());
-        let store = PgEventStore::connect(&self.url(&name))
-            .await
-            .expect("connect");
+        // 12 connections cover the relay's workers, their claims ahead and
+        // the latency run's enqueues, and leave the shared server's slots
+        // to others.
+        let store = PgEventStore::connect_with(
+            &self.url(&name),
+            PgStoreConfig::default().max_connections(12),
+        )
+        .await
+        .expect("connect");
         store.migrate().await.expect("migrate");
         PgOutbox::new(store)
     }
