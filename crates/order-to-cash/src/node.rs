@@ -3,7 +3,7 @@
 //!
 //! | role | what runs |
 //! |---|---|
-//! | `orchestrator` | Sales (local steps), the saga workers, the relay of the saga store's outbox (commands) and the reply inbox ([`InboxConsumer`] + [`SagaReplyHandler`]) |
+//! | `orchestrator` | Sales (local steps), the saga workers, the relay of the saga store's outbox (commands) and the reply consumer ([`serve_replies`]) |
 //! | `inventory`, `payment`, `shipping`, `accounting` | the participant's serving loop ([`participant::serve`]) and the relay of its own outbox (replies) |
 //! | `all` | every role, in one process |
 //!
@@ -21,11 +21,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
-use vextrus_core::inbox::{InboxConfig, InboxConsumer};
 use vextrus_core::outbox::{
-    Backoff, DeadLetters, InMemoryOutbox, OutboxClaimer, OutboxRelay, RelayConfig, RelayHandle,
+    Backoff, DeadLetters, OutboxClaimer, OutboxRelay, RelayConfig, RelayHandle,
 };
-use vextrus_core::saga::{Orchestrator, SagaReplyHandler, SagaStore};
+use vextrus_core::saga::{Orchestrator, ReplyDisposition, SagaError, SagaReply, SagaStore};
 use vextrus_core::transport::{
     InProcessSubscription, InProcessTransport, MessageDelivery, MessageSource, OutboundMessage,
     Transport, TransportError,
@@ -405,29 +404,36 @@ where
 }
 
 /// The orchestrator's transport side: the relay of the saga store's outbox
-/// (commands to participants) and the reply inbox.
+/// (commands to participants) and the reply consumer.
 #[derive(Debug)]
 pub struct RunningOrchestrator {
     relay: RelayHandle,
-    inbox: JoinHandle<u64>,
+    replies: JoinHandle<Result<()>>,
     stop: tokio::sync::watch::Sender<bool>,
 }
 
 impl RunningOrchestrator {
-    /// Stops the relay and the reply inbox.
+    /// Stops taking replies (those being handled finish; unacknowledged
+    /// ones come back) and the relay (after its current batch).
     pub async fn stop(self) -> Result<()> {
         let _ = self.stop.send(true);
-        let _ = self.inbox.await;
+        let replies = self.replies.await;
         self.relay.shutdown().await?;
-        Ok(())
+        match replies {
+            Ok(r) => r,
+            Err(e) => Err(Error::invalid("reply consumer", e.to_string())),
+        }
     }
 }
 
+/// How many replies the orchestrator handles at once.
+pub const REPLY_CONCURRENCY: usize = 64;
+
 /// Starts the orchestrator's relay over `outbox` (where the saga store
-/// writes its commands) and its reply inbox: an [`InboxConsumer`] on
-/// `outbox`'s inbox, feeding [`REPLIES`] to `orchestrator` through
-/// [`SagaReplyHandler`]. The saga workers themselves run with
-/// [`Orchestrator::run`].
+/// writes its commands) and its reply consumer: [`REPLIES`] fed to
+/// `orchestrator` through [`Orchestrator::handle_reply`], up to
+/// [`REPLY_CONCURRENCY`] at once (see [`serve_replies`]). The saga workers
+/// themselves run with [`Orchestrator::run`].
 pub async fn start_orchestrator<B, S, O>(
     broker: &B,
     orchestrator: Orchestrator<S>,
@@ -445,32 +451,112 @@ where
     )
     .spawn();
     let source = broker.subscribe(REPLIES, ORCHESTRATOR_CONSUMER).await?;
-    let config = InboxConfig::new(ORCHESTRATOR_CONSUMER)
-        .max_attempts(10_000)
-        .backoff(Backoff::new(
-            Duration::from_millis(5),
-            Duration::from_millis(500),
-            2.0,
-        ));
-    // The reply's exactly-once effect does not rest on this consumer's own
-    // transaction: the saga store records the reply's id in the same commit
-    // as the transition it causes, and a redelivery is a no-op there. So the
-    // consumer keeps its (redelivery counting) records in memory and holds
-    // no database transaction while the orchestrator commits — on SQLite a
-    // held write turn would block the saga store's own commit.
-    let mut consumer = InboxConsumer::new(
-        InMemoryOutbox::new(),
-        source,
-        SagaReplyHandler::new(orchestrator),
-        config,
-    );
     let (stop, mut stopped) = tokio::sync::watch::channel(false);
-    let inbox = tokio::spawn(async move {
-        consumer
-            .run_until(async move {
-                let _ = stopped.wait_for(|s| *s).await;
-            })
+    let replies = tokio::spawn(serve_replies(
+        orchestrator,
+        source,
+        REPLY_CONCURRENCY,
+        async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        },
+    ));
+    Ok(RunningOrchestrator {
+        relay,
+        replies,
+        stop,
+    })
+}
+
+/// The delay before a reply that could not be handled now (its saga leased
+/// by a worker driving it, the database busy) is delivered again: 5 ms,
+/// doubling per delivery, at most 500 ms, full jitter.
+pub fn reply_redelivery_delay(delivery_attempt: u32) -> Duration {
+    Backoff::new(Duration::from_millis(5), Duration::from_millis(500), 2.0).delay(delivery_attempt)
+}
+
+/// Feeds the replies of `source` to `orchestrator` until `shutdown`
+/// resolves or the source closes, up to `concurrency` at once, each in a
+/// consume span continuing the reply's trace.
+///
+/// No inbox table is needed: the saga store records the reply's message id
+/// in the same transaction as the transition it causes, so a redelivered
+/// reply is a no-op ([`ReplyDisposition::Duplicate`]), and the
+/// acknowledgement follows that commit. A reply that cannot be handled now
+/// (its saga leased by a worker driving it, a busy database) is
+/// negatively acknowledged and comes back after
+/// [`reply_redelivery_delay`]; a payload that is not a saga reply is
+/// logged and acknowledged (it can never succeed). Replies are handled
+/// concurrently because each costs a few transactions: one at a time, a
+/// SQLite saga store spent most of a remote step's latency queued here.
+pub async fn serve_replies<S, Src>(
+    orchestrator: Orchestrator<S>,
+    mut source: Src,
+    concurrency: usize,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()>
+where
+    S: SagaStore + Clone + Send + Sync + 'static,
+    Src: MessageSource,
+    Src::Delivery: 'static,
+{
+    let concurrency = concurrency.max(1);
+    let permits = Arc::new(tokio::sync::Semaphore::new(concurrency));
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let delivery = tokio::select! {
+            _ = &mut shutdown => break,
+            d = source.next() => match d? {
+                Some(d) => d,
+                None => break,
+            },
+        };
+        let permit = permits
+            .clone()
+            .acquire_owned()
             .await
-    });
-    Ok(RunningOrchestrator { relay, inbox, stop })
+            .map_err(|_| Error::invalid("replies", "semaphore closed"))?;
+        let orchestrator = orchestrator.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let message = delivery.message();
+            let span = vextrus_telemetry::spans::message_consume(
+                message.id,
+                &message.source,
+                &message.headers,
+            );
+            let handled = tracing::Instrument::instrument(
+                async {
+                    let reply = SagaReply::from_inbound(message)?;
+                    orchestrator.handle_reply(&reply).await
+                },
+                span,
+            )
+            .await;
+            match handled {
+                Ok(
+                    ReplyDisposition::Applied
+                    | ReplyDisposition::Ignored
+                    | ReplyDisposition::Duplicate,
+                ) => {
+                    let _ = delivery.ack().await;
+                }
+                Err(SagaError::InvalidMessage(reason)) => {
+                    tracing::error!(%reason, "undecodable saga reply dropped");
+                    let _ = delivery.ack().await;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "reply not handled; redelivering");
+                    let delay = reply_redelivery_delay(delivery.message().delivery_attempt);
+                    let _ = delivery.nack(delay).await;
+                }
+            }
+        });
+    }
+    // Let the replies being handled finish (their commits are what count).
+    let _ = tokio::time::timeout(
+        Duration::from_secs(10),
+        permits.acquire_many(u32::try_from(concurrency).unwrap_or(u32::MAX)),
+    )
+    .await;
+    Ok(())
 }

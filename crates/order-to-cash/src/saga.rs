@@ -18,8 +18,9 @@
 //! destination, the participant handles it in one transaction of its own
 //! database (inbox entry + effect + idempotency key + stored reply + the
 //! `SagaReply` in its outbox: [`crate::participant::deliver`]), its relay
-//! publishes the reply to [`REPLIES`], and the orchestrator takes it through
-//! its inbox (`vextrus_core::saga::SagaReplyHandler`). [`crate::node`] runs
+//! publishes the reply to [`REPLIES`], and the orchestrator's reply consumer
+//! ([`crate::node::serve_replies`]) feeds it to the saga, whose store
+//! records the reply's id in the transition's commit. [`crate::node`] runs
 //! these parts, alone or together, over any broker.
 //!
 //! Every compensation accepts "nothing to undo", so the compensation of a

@@ -442,6 +442,24 @@ impl SagaStore for SqliteSagaStore {
         if limit == 0 {
             return Ok(Vec::new());
         }
+        // A read first (WAL readers never wait for the writer): idle workers
+        // polling every few milliseconds must not queue for the one write
+        // turn that transitions, the relay and the reply inbox need.
+        let probe = format!(
+            "WITH clock AS (SELECT {NOW} AS now)
+             SELECT EXISTS (
+                 SELECT 1 FROM saga_instances
+                  WHERE {LIVE_STATES} AND due_at IS NOT NULL
+                    AND due_at <= (SELECT now FROM clock)
+                    AND (lease_until IS NULL OR lease_until <= (SELECT now FROM clock)))"
+        );
+        let any_due: bool = sqlx::query_scalar(&probe)
+            .fetch_one(self.pool())
+            .await
+            .map_err(sql_err)?;
+        if !any_due {
+            return Ok(Vec::new());
+        }
         let mut tx = self.begin().await?;
         let sql = claim_due_sql();
         let rows = sqlx::query(&sql)
