@@ -4,7 +4,10 @@
 //! [`run_demo`] builds the whole system in one process on the embedded
 //! default: each participant on its own SQLite file (WAL,
 //! `synchronous=NORMAL`: commits survive kill -9), Sales on a
-//! [`SqliteEventStore`], the orchestrator on the saga engine's store, and
+//! [`SqliteEventStore`], the orchestrator on the durable
+//! [`SqliteSagaStore`] in [`ORCHESTRATOR_DB`] (its commands in that file's
+//! outbox, relayed after commit; PostgreSQL's [`PgSagaStore`] with
+//! `database_url`), and
 //! the participants connected to it over the in-process transport
 //! ([`InProcessTransport`](vextrus_core::transport::InProcessTransport)), or
 //! over NATS JetStream or Kafka when `broker` is set. It
@@ -63,8 +66,8 @@ pub struct DemoConfig {
     /// after the run. Ignored when `database_url` is set.
     pub data_dir: Option<PathBuf>,
     /// A `postgres://` URL: Sales' event store and every participant's
-    /// tables go to this database instead of SQLite files. (The saga store
-    /// stays in the orchestrator's process until a SQL saga store exists.)
+    /// tables and the orchestrator's saga store go to this database instead
+    /// of SQLite files.
     pub database_url: Option<String>,
     /// How many sagas run at once.
     pub concurrency: usize,

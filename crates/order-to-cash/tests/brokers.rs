@@ -9,7 +9,7 @@
 //! broker or database that is down fails the tests.
 
 use sqlx::{Connection, Executor, PgConnection};
-use vextrus_order_to_cash::demo::{DemoConfig, DemoReport, run_demo};
+use vextrus_order_to_cash::demo::{DemoConfig, DemoReport, run_demo, serve_orchestrator};
 
 fn nats_url() -> String {
     std::env::var("VEXTRUS_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
@@ -52,6 +52,8 @@ async fn run(broker: String, database_url: Option<String>, orders: usize, seed: 
         orders,
         seed,
         broker: Some(broker),
+        // Small pools: the test server is shared with other suites.
+        max_connections: database_url.as_ref().map(|_| 8),
         database_url,
         ..DemoConfig::default()
     };
@@ -89,5 +91,88 @@ async fn kafka_on_sqlite() {
 async fn kafka_on_postgres() {
     let (url, name) = fresh_pg().await;
     run(kafka_url(), Some(url), 300, 14).await;
+    drop_pg(&name).await;
+}
+
+/// The orchestrator as its own service ([`serve_orchestrator`], what `vextrus
+/// serve --role orchestrator` runs) over PostgreSQL and NATS, while a demo
+/// with `remote_orchestrator` places the orders: the service is stopped
+/// mid-run (sagas in flight, commands and replies in transit) and started
+/// again, and every saga still ends terminal with every invariant holding
+/// (the SIGKILL version runs `vextrus serve` processes).
+/// Running the demo again with the same seed places nothing twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_orchestrator_restarted_mid_run_loses_nothing() {
+    let (url, name) = fresh_pg().await;
+    let config = DemoConfig {
+        orders: 150,
+        seed: 15,
+        broker: Some(nats_url()),
+        database_url: Some(url),
+        max_connections: Some(8),
+        namespace: Some(format!("o2c-remote-{}", uuid::Uuid::now_v7().simple())),
+        ..DemoConfig::default()
+    };
+    let serve = |config: DemoConfig| {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            serve_orchestrator(config, async move {
+                let _ = stopped.await;
+            })
+            .await
+            .unwrap()
+        });
+        (stop, task)
+    };
+    let (stop_first, first) = serve(config.clone());
+    let placing = {
+        let config = DemoConfig {
+            remote_orchestrator: true,
+            ..config.clone()
+        };
+        tokio::spawn(run_demo(config, None))
+    };
+    tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+    let _ = stop_first.send(());
+    first.await.unwrap();
+    let (stop_second, second) = serve(config.clone());
+    let report = placing.await.unwrap().unwrap();
+    println!("{report}");
+    assert!(report.passed(), "{report}");
+    assert_eq!(report.not_terminal, 0, "{report}");
+    assert_eq!(report.orders, 150);
+    assert_eq!(
+        report.completed + report.compensated + report.failed,
+        150,
+        "{report}"
+    );
+
+    // Same seed, same database: the orders and sagas are found, not placed again.
+    let again = run_demo(
+        DemoConfig {
+            remote_orchestrator: true,
+            ..config
+        },
+        None,
+    )
+    .await
+    .unwrap();
+    assert!(again.passed(), "{again}");
+    assert_eq!(
+        (
+            again.orders,
+            again.completed,
+            again.compensated,
+            again.failed
+        ),
+        (
+            report.orders,
+            report.completed,
+            report.compensated,
+            report.failed
+        )
+    );
+    let _ = stop_second.send(());
+    second.await.unwrap();
     drop_pg(&name).await;
 }
