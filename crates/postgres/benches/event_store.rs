@@ -543,20 +543,6 @@ async fn main() {
         eprintln!("run {} of {runs} done", run + 1);
     }
 
-    // Subscriber lag under a long transaction (once): a transaction that
-    // appended stays open for 500 ms while a writer appends every 10 ms; the
-    // subscriber's worst lag from commit to delivery.
-    let lag = long_transaction_lag(&store, Duration::from_millis(500), None).await;
-    // The same with an appender that never finishes and keeps running
-    // statements on its own connection, under a 1 s
-    // `max_append_transaction`: the reader ends it after the bound.
-    let bound = Duration::from_secs(1);
-    let bounded = PgEventStore::with_config(
-        store.pool().clone(),
-        PgStoreConfig::default().max_append_transaction(Some(bound)),
-    );
-    let busy_lag = long_transaction_lag(&bounded, bound, Some(&url)).await;
-
     let ratio = |a: &str, b: &str| results.ratio(a, b);
     println!();
     println!(
@@ -635,6 +621,26 @@ async fn main() {
         ratio(a, b)
     );
     println!();
+    println!("all runs (events/s):");
+    for (name, vs) in &results.rows {
+        let list: Vec<String> = vs.iter().map(|v| format!("{v:.0}")).collect();
+        println!("- {name}: {}", list.join(", "));
+    }
+    // Subscriber lag under a long transaction (once): a transaction that
+    // appended stays open for 500 ms while a writer appends every 10 ms; the
+    // subscriber's worst lag from commit to delivery.
+    let lag = long_transaction_lag(&store, Duration::from_millis(500), false).await;
+    // The same with an appender that never finishes and keeps running
+    // statements on its own connection, under a 1 s
+    // `max_append_transaction`: the reader ends it after the bound.
+    let bound = Duration::from_secs(1);
+    let bounded = PgEventStore::with_config(
+        store.pool().clone(),
+        PgStoreConfig::default().max_append_transaction(Some(bound)),
+    );
+    let busy_lag = long_transaction_lag(&bounded, bound, true).await;
+
+    println!();
     println!(
         "subscriber lag while a 500 ms transaction is open: max {:?}, median {:?} (events committed during the hold wait for it)",
         lag.0, lag.1
@@ -644,11 +650,6 @@ async fn main() {
         busy_lag.0, busy_lag.1
     );
     println!();
-    println!("all runs (events/s):");
-    for (name, vs) in &results.rows {
-        let list: Vec<String> = vs.iter().map(|v| format!("{v:.0}")).collect();
-        println!("- {name}: {}", list.join(", "));
-    }
 
     store.pool().close().await;
     sqlx::Executor::execute(
@@ -661,13 +662,13 @@ async fn main() {
 
 /// Worst and median delay between an event's commit and its delivery to a
 /// subscriber, while one transaction that appended stays open for `hold`
-/// and commits; or, with `busy_on` (a database URL), while one that
-/// appended on its own connection keeps running statements until it is
-/// ended (`hold` is then the store's `max_append_transaction`).
+/// and commits; or, with `busy`, while one that appended on its own
+/// connection keeps running statements until it is ended (`hold` is then
+/// the store's `max_append_transaction`).
 async fn long_transaction_lag(
     store: &PgEventStore,
     hold: Duration,
-    busy_on: Option<&str>,
+    busy: bool,
 ) -> (Duration, Duration) {
     let mut from = GlobalPosition::START;
     loop {
@@ -704,11 +705,12 @@ async fn long_transaction_lag(
     };
     let holder = {
         let store = store.clone();
-        let busy_on = busy_on.map(str::to_owned);
         tokio::spawn(async move {
             tokio::time::sleep(hold / 4).await;
-            if let Some(url) = busy_on {
-                let mut conn = PgConnection::connect(&url).await.expect("connect");
+            if busy {
+                // A connection of its own, taken out of the pool (the
+                // reader ends its session).
+                let mut conn = store.pool().acquire().await.expect("connect").detach();
                 let mut tx = conn.begin().await.expect("begin");
                 store
                     .append_in_tx(
