@@ -11,6 +11,8 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use vextrus_order_to_cash::demo::{DemoConfig, DemoProgress, run_demo};
 use vextrus_order_to_cash::faults::FaultConfig;
+use vextrus_order_to_cash::saga::STEPS;
+use vextrus_order_to_cash::step_metrics::{StepTiming, StepTimings};
 
 use crate::exit::BadInput;
 
@@ -183,13 +185,46 @@ async fn run_config(config: DemoConfig, quiet: bool) -> Result<()> {
         progress_bar.set_position(p.finished as u64);
         progress_bar.set_message(format!("({} placed)", p.started));
     });
+    // Where the time went comes from the orchestrator's own
+    // `vextrus_saga_step_seconds` histogram, not from the sagas' timelines.
+    // A process that already has a recorder (none in the CLI today) simply
+    // prints no such table.
+    let timings = StepTimings::new();
+    let timed = timings.install_global().is_ok();
+    let remote_orchestrator = config.remote_orchestrator;
     let report = run_demo(config, Some(progress)).await?;
     bar.finish_and_clear();
     println!("{report}");
+    if timed && !remote_orchestrator {
+        print!("{}", step_table(&timings.in_order(&STEPS)));
+    }
     if !report.passed() {
         bail!("business invariants failed: see the report above");
     }
     Ok(())
+}
+
+/// The per-step table printed after the report: attempts, p50, p99 and
+/// total time of each (step, outcome), in saga order.
+fn step_table(timings: &[StepTiming]) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::from("where the time went (vextrus_saga_step_seconds, per attempt):\n");
+    if timings.is_empty() {
+        out.push_str("  no step was timed in this process\n");
+    }
+    for t in timings {
+        let _ = writeln!(
+            out,
+            "  {:<22} {:<9} n={:<6} p50 {:>8.1} ms  p99 {:>8.1} ms  total {:>8.1} s",
+            t.step,
+            t.outcome,
+            t.count,
+            t.p50.as_secs_f64() * 1e3,
+            t.p99.as_secs_f64() * 1e3,
+            t.total.as_secs_f64()
+        );
+    }
+    out
 }
 
 #[cfg(test)]
@@ -241,5 +276,29 @@ mod tests {
         .config()
         .unwrap();
         assert!(r.remote_participants && r.remote_orchestrator);
+    }
+
+    #[test]
+    fn the_step_table_lists_each_step_and_outcome() {
+        use std::time::Duration;
+        let t = |step: &str, outcome: &str, ms: u64| super::StepTiming {
+            step: step.into(),
+            outcome: outcome.into(),
+            count: 3,
+            p50: Duration::from_millis(ms),
+            p99: Duration::from_millis(ms * 2),
+            max: Duration::from_millis(ms * 2),
+            total: Duration::from_millis(ms * 3),
+        };
+        let table = super::step_table(&[
+            t("reserve_inventory", "ok", 12),
+            t("capture_payment", "error", 40),
+        ]);
+        assert!(table.starts_with("where the time went"), "{table}");
+        assert!(table.contains("reserve_inventory"), "{table}");
+        assert!(table.contains("p50     12.0 ms"), "{table}");
+        assert!(table.contains("p99     80.0 ms"), "{table}");
+        assert!(table.contains("capture_payment        error"), "{table}");
+        assert!(super::step_table(&[]).contains("no step was timed"));
     }
 }

@@ -368,6 +368,17 @@ fn demo_runs_order_to_cash_and_checks_invariants() {
     assert!(report.contains("orders: 60 (seed 7)"), "{report}");
     assert!(report.contains("0 not terminal"), "{report}");
     assert!(report.contains("all hold"), "{report}");
+    // Per-step time comes from the saga step histogram: every step of a
+    // completed order-to-cash saga was timed at least once.
+    assert!(report.contains("where the time went"), "{report}");
+    for step in ["validate_order", "reserve_inventory", "capture_payment"] {
+        assert!(
+            report
+                .lines()
+                .any(|l| l.contains(step) && l.contains(" ok ")),
+            "{step} missing from the step table: {report}"
+        );
+    }
     // Bad flags are bad input, not a crash.
     let out = Command::new(BIN)
         .args(["demo", "--decline-rate", "2"])
