@@ -769,7 +769,7 @@ impl<S: SagaStore> Orchestrator<S> {
         );
         let policy = info.policy(kind);
         if retryable && policy.can_retry_after(attempt) {
-            let delay = policy.delay_after(attempt);
+            let delay = policy.jittered_delay_after(attempt);
             t.history.push(
                 HistoryEvent::step(HistoryKind::RetryScheduled, step, &info.name, Some(attempt))
                     .with_error(format!("next attempt in {delay:?}")),
