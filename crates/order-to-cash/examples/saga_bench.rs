@@ -342,6 +342,14 @@ impl RunResult {
     fn ratio(&self) -> f64 {
         self.rate() / self.bound().max(1e-9)
     }
+    /// The bound counting only explicit transactions (`COMMIT`s), not
+    /// autocommit statements.
+    fn bound_tx(&self) -> f64 {
+        self.raw() / self.commits_per_saga().max(1e-9)
+    }
+    fn ratio_tx(&self) -> f64 {
+        self.rate() / self.bound_tx().max(1e-9)
+    }
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -372,17 +380,19 @@ async fn admin(settings: &Settings) -> Res<PgConnection> {
     Ok(PgConnection::connect(&format!("{}/postgres", settings.pg)).await?)
 }
 
-/// Committed transactions of `db` so far.
-async fn xact_commit(conn: &mut PgConnection, db: &str) -> Res<u64> {
+/// Committed and rolled back transactions of `db` so far.
+async fn xacts(conn: &mut PgConnection, db: &str) -> Res<(u64, u64)> {
     // A fresh snapshot of the statistics each time.
     sqlx::query("SELECT pg_stat_clear_snapshot()")
         .execute(&mut *conn)
         .await?;
-    let n: i64 = sqlx::query_scalar("SELECT xact_commit FROM pg_stat_database WHERE datname = $1")
-        .bind(db)
-        .fetch_one(&mut *conn)
-        .await?;
-    Ok(u64::try_from(n).unwrap_or(0))
+    let (c, r): (i64, i64) = sqlx::query_as(
+        "SELECT xact_commit, xact_rollback FROM pg_stat_database WHERE datname = $1",
+    )
+    .bind(db)
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok((u64::try_from(c).unwrap_or(0), u64::try_from(r).unwrap_or(0)))
 }
 
 /// Commits/s of single-row INSERT transactions from `tasks` tasks on a pool
@@ -586,16 +596,16 @@ async fn measure<B: Broker>(
     // The idle cost: what the running system does with nothing to do.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let idle_window = Duration::from_secs(3);
-    let x0 = xact_commit(admin, dbname).await?;
+    let (x0, _) = xacts(admin, dbname).await?;
     counter.start();
     tokio::time::sleep(idle_window).await;
     let (idle_statements, _) = counter.stop();
-    let x1 = xact_commit(admin, dbname).await?;
+    let (x1, _) = xacts(admin, dbname).await?;
     let idle_xacts_per_s = x1.saturating_sub(x0) as f64 / idle_window.as_secs_f64();
     let idle_statements_per_s = idle_statements as f64 / idle_window.as_secs_f64();
 
     // The measured phase.
-    let start_xacts = xact_commit(admin, dbname).await?;
+    let (start_xacts, start_rollbacks) = xacts(admin, dbname).await?;
     counter.start();
     let began = Instant::now();
     let gate = Arc::new(Semaphore::new(settings.concurrency));
@@ -670,15 +680,23 @@ async fn measure<B: Broker>(
         }
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let end_xacts = xact_commit(admin, dbname).await?;
+    let (end_xacts, end_rollbacks) = xacts(admin, dbname).await?;
     // The work after the last saga (stopping) ran at most at the idle rate.
     let tail = last.elapsed().as_secs_f64() * idle_xacts_per_s;
     let xacts = (end_xacts.saturating_sub(start_xacts) as f64 - tail).max(0.0) as u64;
-    let commits = by_text
+    let commits: u64 = by_text
         .iter()
         .filter(|(k, _)| k.eq_ignore_ascii_case("COMMIT"))
         .map(|(_, v)| *v)
         .sum();
+    // sqlx sends BEGIN without logging it: one per COMMIT or rollback.
+    let rollbacks = end_rollbacks.saturating_sub(start_rollbacks);
+    let mut by_text = by_text;
+    by_text.insert(
+        "BEGIN (not logged by sqlx: one per COMMIT and per rollback)".into(),
+        commits + rollbacks,
+    );
+    let statements = statements + commits + rollbacks;
 
     // The bound, in the same run and database.
     let raw16 = raw_commit_rate(url, 16, Duration::from_secs(3)).await?;
@@ -758,7 +776,7 @@ async fn main() -> Res<()> {
         load_average()
     );
     println!(
-        "{:<9} {:>3} {:>6} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>8} {:>6} {:>9} {:>6}",
+        "{:<9} {:>3} {:>6} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>8} {:>6} {:>8} {:>7} {:>9} {:>6}",
         "transport",
         "run",
         "done",
@@ -772,6 +790,8 @@ async fn main() -> Res<()> {
         "raw32 c/s",
         "bound",
         "ratio",
+        "bound_tx",
+        "ratio_tx",
         "idle x/s",
         "load1"
     );
@@ -782,7 +802,7 @@ async fn main() -> Res<()> {
             let r = one_run(&settings, transport, run).await?;
             failed |= r.not_completed > 0;
             println!(
-                "{:<9} {:>3} {:>6} {:>8.1} {:>8.1} {:>8.1} {:>8.2} {:>8.2} {:>9.2} {:>9.0} {:>9.0} {:>8.1} {:>6.3} {:>9.0} {:>6}",
+                "{:<9} {:>3} {:>6} {:>8.1} {:>8.1} {:>8.1} {:>8.2} {:>8.2} {:>9.2} {:>9.0} {:>9.0} {:>8.1} {:>6.3} {:>8.1} {:>7.3} {:>9.0} {:>6}",
                 transport,
                 run,
                 r.completed,
@@ -796,6 +816,8 @@ async fn main() -> Res<()> {
                 r.raw32,
                 r.bound(),
                 r.ratio(),
+                r.bound_tx(),
+                r.ratio_tx(),
                 r.idle_xacts_per_s,
                 load_average().split(' ').next().unwrap_or("?"),
             );
@@ -803,7 +825,7 @@ async fn main() -> Res<()> {
         }
         let med = |f: &dyn Fn(&RunResult) -> f64| median(results.iter().map(f).collect());
         println!(
-            "{:<9} med {:>6} {:>8.1} {:>8.1} {:>8.1} {:>8.2} {:>8.2} {:>9.2} {:>9.0} {:>9.0} {:>8.1} {:>6.3} {:>9.0}   (idle statements/s {:.0})",
+            "{:<9} med {:>6} {:>8.1} {:>8.1} {:>8.1} {:>8.2} {:>8.2} {:>9.2} {:>9.0} {:>9.0} {:>8.1} {:>6.3} {:>8.1} {:>7.3} {:>9.0}   (idle statements/s {:.0}; idle polling at that rate over the run: {:.1} statements/saga, {:.1} xacts/saga)",
             transport,
             "",
             med(&|r| r.rate()),
@@ -816,8 +838,12 @@ async fn main() -> Res<()> {
             med(&|r| r.raw32),
             med(&|r| r.bound()),
             med(&|r| r.ratio()),
+            med(&|r| r.bound_tx()),
+            med(&|r| r.ratio_tx()),
             med(&|r| r.idle_xacts_per_s),
             med(&|r| r.idle_statements_per_s),
+            med(&|r| r.idle_statements_per_s * r.elapsed.as_secs_f64() / r.orders()),
+            med(&|r| r.idle_xacts_per_s * r.elapsed.as_secs_f64() / r.orders()),
         );
         // Where the statements go: per saga, summed over this transport's runs.
         let mut total: HashMap<String, u64> = HashMap::new();
