@@ -214,6 +214,10 @@ impl SagaStore for Watched {
         self.inner.history(id).await
     }
 
+    async fn count_by_state(&self) -> Result<Vec<vextrus_core::saga::SagaCount>, SagaError> {
+        self.inner.count_by_state().await
+    }
+
     async fn list(&self, filter: &SagaFilter) -> Result<Vec<SagaInstance>, SagaError> {
         self.inner.list(filter).await
     }
@@ -855,7 +859,7 @@ async fn main() -> Res<()> {
             }
         }
         let mut rows: Vec<_> = total.into_iter().collect();
-        rows.sort_by(|a, b| b.1.cmp(&a.1));
+        rows.sort_by_key(|r| std::cmp::Reverse(r.1));
         println!("  statements per saga ({transport}, all runs):");
         for (text, n) in rows.iter().take(settings.top) {
             println!("  {:>7.2}  {text}", *n as f64 / orders);

@@ -12,8 +12,8 @@ use uuid::Uuid;
 use vextrus_core::outbox::{OutboxClaimer, OutboxError};
 use vextrus_core::saga::{
     Claim, HistoryEntry, HistoryEvent, HistoryKind, Lease, LeaseUpdate, NewSaga, SagaCommand,
-    SagaCommandOutbox, SagaError, SagaFilter, SagaId, SagaInstance, SagaProgress, SagaState,
-    SagaStore, SagaTransition, Wake,
+    SagaCommandOutbox, SagaCount, SagaError, SagaFilter, SagaId, SagaInstance, SagaProgress,
+    SagaState, SagaStore, SagaTransition, Wake,
 };
 use vextrus_core::transport::MessageId;
 use vextrus_kernel::{ErrorKind, HasErrorKind};
@@ -233,6 +233,27 @@ impl SagaStore for PgSagaStore {
                     at: r.try_get(1).map_err(map_err)?,
                     worker: r.try_get(2).map_err(map_err)?,
                     event: serde_json::from_str(&event)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn count_by_state(&self) -> Result<Vec<SagaCount>, SagaError> {
+        let rows: Vec<(String, String, i64)> = sqlx::query_as(
+            "SELECT saga_type, state, count(*) FROM vextrus_sagas
+              GROUP BY saga_type, state ORDER BY saga_type, state",
+        )
+        .fetch_all(self.pool())
+        .await
+        .map_err(map_err)?;
+        rows.into_iter()
+            .map(|(saga_type, state, count)| {
+                Ok(SagaCount {
+                    saga_type,
+                    state: state
+                        .parse::<SagaState>()
+                        .map_err(|e| SagaError::backend(format!("stored saga state: {e}")))?,
+                    count: u64::try_from(count).unwrap_or(0),
                 })
             })
             .collect()

@@ -11,8 +11,8 @@ use uuid::Uuid;
 use vextrus_core::outbox::{OutboxClaimer, OutboxError};
 use vextrus_core::saga::{
     Claim, HistoryEntry, HistoryEvent, HistoryKind, Lease, LeaseUpdate, NewSaga, SAGA_ID_HEADER,
-    SagaCommand, SagaCommandOutbox, SagaError, SagaFilter, SagaId, SagaInstance, SagaProgress,
-    SagaState, SagaStore, SagaTransition, Wake,
+    SagaCommand, SagaCommandOutbox, SagaCount, SagaError, SagaFilter, SagaId, SagaInstance,
+    SagaProgress, SagaState, SagaStore, SagaTransition, Wake,
 };
 use vextrus_core::transport::{Headers, MessageId, OutboundMessage};
 use vextrus_kernel::{ErrorKind, HasErrorKind};
@@ -402,6 +402,27 @@ impl SagaStore for SqliteSagaStore {
             })
         })
         .collect()
+    }
+
+    async fn count_by_state(&self) -> Result<Vec<SagaCount>, SagaError> {
+        let rows: Vec<(String, String, i64)> = sqlx::query_as(
+            "SELECT saga_type, state, count(*) FROM saga_instances
+              GROUP BY saga_type, state ORDER BY saga_type, state",
+        )
+        .fetch_all(self.pool())
+        .await
+        .map_err(sql_err)?;
+        rows.into_iter()
+            .map(|(saga_type, state, count)| {
+                Ok(SagaCount {
+                    saga_type,
+                    state: state
+                        .parse::<SagaState>()
+                        .map_err(|e| SagaError::backend(format!("stored saga state: {e}")))?,
+                    count: u64::try_from(count).unwrap_or(0),
+                })
+            })
+            .collect()
     }
 
     async fn list(&self, filter: &SagaFilter) -> Result<Vec<SagaInstance>, SagaError> {

@@ -16,9 +16,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use vextrus_core::saga::{
     Action, HistoryEvent, HistoryKind, LeaseUpdate, NewSaga, Orchestrator, OrchestratorConfig,
-    RemoteCommand, ReplyDisposition, ReplyOutcome, SagaCommand, SagaCommandOutbox, SagaDefinition,
-    SagaError, SagaFilter, SagaId, SagaInstance, SagaRegistry, SagaState, SagaStore,
-    SagaTransition, Step, StepKind, StepOutcome, StepRetry, Wake, idempotency_key,
+    RemoteCommand, ReplyDisposition, ReplyOutcome, SagaCommand, SagaCommandOutbox, SagaCount,
+    SagaDefinition, SagaError, SagaFilter, SagaId, SagaInstance, SagaRegistry, SagaState,
+    SagaStore, SagaTransition, Step, StepKind, StepOutcome, StepRetry, Wake, idempotency_key,
 };
 
 /// What a backend provides to run the suite: a fresh, empty saga store (its
@@ -202,6 +202,36 @@ pub async fn happy_path_completes<B: SagaStoreBackend>(backend: &B) {
     assert_eq!(history[1].event.attempt, Some(1));
     // Nothing left to do.
     assert_eq!(orch.run_once().await.unwrap(), 0);
+}
+
+/// `count_by_state` counts the sagas per (type, state), leaving out pairs
+/// with none, sorted by type then state name; the orchestrator's
+/// `record_saga_counts` reports the same figures.
+pub async fn counts_by_state<B: SagaStoreBackend>(backend: &B) {
+    let store = backend.fresh_store().await;
+    assert_eq!(store.count_by_state().await.unwrap(), Vec::new());
+    let log = Log::default();
+    let registry = SagaRegistry::new();
+    registry.register(chain(&log)).unwrap();
+    let orch = orchestrator(&store, &registry, "w1");
+    orch.start("chain", &Order::ok()).await.unwrap();
+    orch.start("chain", &Order::ok()).await.unwrap();
+    orch.run_until_idle().await.unwrap();
+    orch.start("chain", &Order::ok()).await.unwrap();
+    let expected = vec![
+        SagaCount {
+            saga_type: "chain".into(),
+            state: SagaState::Completed,
+            count: 2,
+        },
+        SagaCount {
+            saga_type: "chain".into(),
+            state: SagaState::Running,
+            count: 1,
+        },
+    ];
+    assert_eq!(store.count_by_state().await.unwrap(), expected);
+    assert_eq!(orch.record_saga_counts().await.unwrap(), expected);
 }
 
 /// A business failure at each step compensates exactly the completed steps
@@ -1192,6 +1222,7 @@ macro_rules! saga_store_conformance {
             idempotency_keys_are_stable_across_retries,
             operator_list_show_abort,
             trace_context_is_kept_with_the_progress,
+            counts_by_state,
         );
     };
     (@cases $backend:expr; $($case:ident),* $(,)?) => {

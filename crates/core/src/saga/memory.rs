@@ -14,7 +14,7 @@ use crate::saga::state::{
     SagaState,
 };
 use crate::saga::store::{
-    Claim, LeaseUpdate, NewSaga, SagaCommandOutbox, SagaStore, SagaTransition, Wake,
+    Claim, LeaseUpdate, NewSaga, SagaCommandOutbox, SagaCount, SagaStore, SagaTransition, Wake,
 };
 use crate::saga::wire::SAGA_ID_HEADER;
 use crate::transport::MessageId;
@@ -220,6 +220,26 @@ impl SagaStore for InMemorySagaStore {
 
     async fn history(&self, id: SagaId) -> Result<Vec<HistoryEntry>, SagaError> {
         Ok(self.lock().history.get(&id).cloned().unwrap_or_default())
+    }
+
+    async fn count_by_state(&self) -> Result<Vec<SagaCount>, SagaError> {
+        let st = self.lock();
+        let mut counts: std::collections::BTreeMap<(String, &'static str), (SagaState, u64)> =
+            std::collections::BTreeMap::new();
+        for i in st.sagas.values() {
+            counts
+                .entry((i.saga_type.clone(), i.state.as_str()))
+                .or_insert((i.state, 0))
+                .1 += 1;
+        }
+        Ok(counts
+            .into_iter()
+            .map(|((saga_type, _), (state, count))| SagaCount {
+                saga_type,
+                state,
+                count,
+            })
+            .collect())
     }
 
     async fn list(&self, filter: &SagaFilter) -> Result<Vec<SagaInstance>, SagaError> {

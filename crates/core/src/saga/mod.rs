@@ -142,7 +142,9 @@ pub use state::{
     SagaFilter, SagaId, SagaInstance, SagaProgress, SagaReply, SagaState, StepKind,
     idempotency_key,
 };
-pub use store::{Claim, LeaseUpdate, NewSaga, SagaCommandOutbox, SagaStore, SagaTransition, Wake};
+pub use store::{
+    Claim, LeaseUpdate, NewSaga, SagaCommandOutbox, SagaCount, SagaStore, SagaTransition, Wake,
+};
 pub use wire::{
     IDEMPOTENCY_KEY_HEADER, ORCHESTRATOR_SOURCE, REPLY_TO_HEADER, REPLY_TYPE, SAGA_ID_HEADER,
     SagaReplyHandler,

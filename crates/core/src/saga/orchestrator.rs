@@ -33,6 +33,10 @@ pub struct OrchestratorConfig {
     pub batch_size: usize,
     /// How long [`Orchestrator::run`] sleeps when nothing is due.
     pub poll_interval: Duration,
+    /// How often [`Orchestrator::run`] sets the
+    /// [`vextrus_sagas`](vextrus_telemetry::names::SAGAS) gauge from the
+    /// store's counts ([`Orchestrator::record_saga_counts`]); zero never.
+    pub metrics_interval: Duration,
 }
 
 impl Default for OrchestratorConfig {
@@ -42,6 +46,7 @@ impl Default for OrchestratorConfig {
             lease: Duration::from_secs(30),
             batch_size: 64,
             poll_interval: Duration::from_millis(100),
+            metrics_interval: Duration::from_secs(10),
         }
     }
 }
@@ -270,7 +275,15 @@ impl<S: SagaStore> Orchestrator<S> {
     /// and retried after `poll_interval`.
     pub async fn run(&self, shutdown: impl Future<Output = ()>) {
         let mut shutdown = std::pin::pin!(shutdown);
+        let mut next_count = tokio::time::Instant::now();
         loop {
+            if !self.config.metrics_interval.is_zero() && tokio::time::Instant::now() >= next_count
+            {
+                next_count = tokio::time::Instant::now() + self.config.metrics_interval;
+                if let Err(e) = self.record_saga_counts().await {
+                    tracing::warn!(worker = %self.config.worker_id, error = %e, "counting sagas by state failed");
+                }
+            }
             let idle = tokio::select! {
                 _ = &mut shutdown => return,
                 r = self.run_once() => match r {
@@ -289,6 +302,35 @@ impl<S: SagaStore> Orchestrator<S> {
                 }
             }
         }
+    }
+
+    /// Reads how many sagas there are per (type, state) from the store and
+    /// sets the [`vextrus_sagas`](vextrus_telemetry::names::SAGAS) gauge
+    /// for each: every state of every type registered or stored, zero where
+    /// none is (so a state that empties reads 0, not its last count).
+    /// [`run`](Self::run) calls it every
+    /// [`metrics_interval`](OrchestratorConfig::metrics_interval); the
+    /// counts come from the store, so every worker and process reports the
+    /// same figures.
+    pub async fn record_saga_counts(&self) -> Result<Vec<crate::saga::SagaCount>, SagaError> {
+        let counts = self.store.count_by_state().await?;
+        let mut types: std::collections::BTreeSet<String> = self
+            .registry
+            .definitions()
+            .into_iter()
+            .map(|(t, _)| t)
+            .collect();
+        types.extend(counts.iter().map(|c| c.saga_type.clone()));
+        for saga_type in &types {
+            for state in SagaState::ALL {
+                let n = counts
+                    .iter()
+                    .find(|c| &c.saga_type == saga_type && c.state == state)
+                    .map_or(0, |c| c.count);
+                vextrus_telemetry::record::sagas(saga_type, state.as_str(), n);
+            }
+        }
+        Ok(counts)
     }
 
     /// Feeds a participant's reply to its saga. Call it from the inbox
@@ -980,6 +1022,9 @@ mod tests {
         }
         async fn history(&self, id: SagaId) -> Result<Vec<HistoryEntry>, SagaError> {
             self.inner.history(id).await
+        }
+        async fn count_by_state(&self) -> Result<Vec<crate::saga::SagaCount>, SagaError> {
+            self.inner.count_by_state().await
         }
         async fn list(&self, filter: &SagaFilter) -> Result<Vec<SagaInstance>, SagaError> {
             self.inner.list(filter).await

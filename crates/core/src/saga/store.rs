@@ -109,6 +109,17 @@ pub struct SagaTransition {
     pub inbox_message_id: Option<Uuid>,
 }
 
+/// How many sagas of one type are in one state ([`SagaStore::count_by_state`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SagaCount {
+    /// The definition's type name.
+    pub saga_type: String,
+    /// The state.
+    pub state: SagaState,
+    /// How many sagas of that type are in it.
+    pub count: u64,
+}
+
 /// Durable storage of saga instances, their timelines, leases and timers.
 ///
 /// Contract every backend keeps (the testkit's saga suite checks it):
@@ -140,6 +151,11 @@ pub trait SagaStore: Send + Sync {
         &self,
         id: SagaId,
     ) -> impl Future<Output = Result<Vec<HistoryEntry>, SagaError>> + Send;
+
+    /// How many sagas there are per (type, state), for the
+    /// [`vextrus_sagas`](vextrus_telemetry::names::SAGAS) gauge and for
+    /// operators; pairs with no saga are left out.
+    fn count_by_state(&self) -> impl Future<Output = Result<Vec<SagaCount>, SagaError>> + Send;
 
     /// Sagas passing `filter`, oldest first.
     fn list(
