@@ -57,6 +57,10 @@ pub struct MetricDef {
 /// Label: how an operation ended: `ok`, `conflict`, `error` or `cancelled`
 /// (see [`crate::Outcome`]).
 pub const LABEL_OUTCOME: &str = "outcome";
+/// Label: the outbox relay's name.
+pub const LABEL_RELAY: &str = "relay";
+/// Label: the inbox consumer's name.
+pub const LABEL_CONSUMER: &str = "consumer";
 /// Label: a saga's lifecycle state (`running`, `compensating`, `completed`, ...).
 pub const LABEL_STATE: &str = "state";
 /// Label: the saga type (the orchestration's name, such as `order_to_cash`).
@@ -85,8 +89,14 @@ pub const EVENT_APPEND_SECONDS: &str = "vextrus_event_append_seconds";
 pub const OUTBOX_BACKLOG: &str = "vextrus_outbox_backlog";
 /// Gauge (seconds): age of the oldest pending outbox message (0 when empty).
 pub const OUTBOX_OLDEST_PENDING_SECONDS: &str = "vextrus_outbox_oldest_pending_seconds";
-/// Histogram (seconds): latency of one relay publish to the broker, by outcome.
+/// Histogram (seconds): time the relay spent publishing one claimed batch to
+/// the broker (until every confirmation or failure), by outcome.
 pub const OUTBOX_PUBLISH_SECONDS: &str = "vextrus_outbox_publish_seconds";
+/// Histogram (seconds): from a message's outbox commit to the broker's
+/// confirmation, by relay.
+pub const OUTBOX_PUBLISH_LATENCY_SECONDS: &str = "vextrus_outbox_publish_latency_seconds";
+/// Counter: outbox messages that became dead letters, by relay.
+pub const OUTBOX_DEAD_LETTERED_TOTAL: &str = "vextrus_outbox_dead_lettered_total";
 /// Counter: outbox messages the relay published and the broker acknowledged.
 pub const OUTBOX_PUBLISHED_TOTAL: &str = "vextrus_outbox_published_total";
 /// Counter: failed publish attempts (each retry counts).
@@ -98,6 +108,9 @@ pub const OUTBOX_DEAD_LETTERS: &str = "vextrus_outbox_dead_letters";
 
 /// Histogram (seconds): time to handle one consumed message, by outcome.
 pub const MESSAGE_CONSUME_SECONDS: &str = "vextrus_message_consume_seconds";
+/// Counter: inbox messages handled, by consumer and outcome (`processed`,
+/// `duplicate`, `retrying`, `dead_lettered`, `malformed`).
+pub const INBOX_MESSAGES_TOTAL: &str = "vextrus_inbox_messages_total";
 
 // ----------------------------------------------------------------------- sagas
 
@@ -170,7 +183,28 @@ pub const ALL_METRICS: &[MetricDef] = &[
         kind: MetricKind::Histogram,
         unit: Some(metrics::Unit::Seconds),
         labels: &[LABEL_OUTCOME],
-        help: "Latency of one relay publish to the broker.",
+        help: "Time the relay spent publishing one claimed batch to the broker.",
+    },
+    MetricDef {
+        name: OUTBOX_PUBLISH_LATENCY_SECONDS,
+        kind: MetricKind::Histogram,
+        unit: Some(metrics::Unit::Seconds),
+        labels: &[LABEL_RELAY],
+        help: "Seconds from a message's outbox commit to the broker's confirmation.",
+    },
+    MetricDef {
+        name: OUTBOX_DEAD_LETTERED_TOTAL,
+        kind: MetricKind::Counter,
+        unit: None,
+        labels: &[LABEL_RELAY],
+        help: "Outbox messages that became dead letters.",
+    },
+    MetricDef {
+        name: INBOX_MESSAGES_TOTAL,
+        kind: MetricKind::Counter,
+        unit: None,
+        labels: &[LABEL_CONSUMER, LABEL_OUTCOME],
+        help: "Inbox messages handled, by consumer and outcome.",
     },
     MetricDef {
         name: OUTBOX_PUBLISHED_TOTAL,

@@ -66,6 +66,14 @@ fn metrics_endpoint_serves_every_vextrus_metric() {
     record::outbox_publish(Duration::from_millis(9), Outcome::Error);
     record::outbox_dead_letters(1);
     record::message_consume(Duration::from_millis(1), Outcome::Ok);
+    // The relay and the inbox record these themselves (vextrus-core), under
+    // the names defined here.
+    metrics::histogram!(names::OUTBOX_PUBLISH_LATENCY_SECONDS, names::LABEL_RELAY => "r1")
+        .record(0.004);
+    metrics::counter!(names::OUTBOX_DEAD_LETTERED_TOTAL, names::LABEL_RELAY => "r1").increment(1);
+    metrics::counter!(names::INBOX_MESSAGES_TOTAL,
+        names::LABEL_CONSUMER => "c1", names::LABEL_OUTCOME => "processed")
+    .increment(2);
     record::sagas("order_to_cash", "running", 4);
     record::saga_step(
         "order_to_cash",

@@ -1,31 +1,25 @@
-//! Metric names of the outbox relay and the inbox consumer, in one place.
+//! Metric names of the outbox relay and the inbox consumer.
 //!
-//! Recorded through the `metrics` facade; install any recorder (for example
-//! `vextrus-telemetry`'s Prometheus exporter) to export them.
+//! Every name is defined once, in [`vextrus_telemetry::names`] (where
+//! dashboards, `describe_metrics` and the `/metrics` scrape test see them),
+//! and re-exported here for the relay and the inbox. Recorded through the
+//! `metrics` facade; install any recorder (for example `vextrus-telemetry`'s
+//! Prometheus exporter) to export them.
+//!
+//! ```
+//! use vextrus_core::outbox::metrics;
+//!
+//! assert_eq!(metrics::OUTBOX_BACKLOG, vextrus_telemetry::names::OUTBOX_BACKLOG);
+//! assert_eq!(metrics::OUTBOX_OLDEST_PENDING_AGE_SECONDS, "vextrus_outbox_oldest_pending_seconds");
+//! ```
 
-/// Gauge: pending messages (including those waiting for a retry).
-pub const OUTBOX_BACKLOG: &str = "vextrus_outbox_backlog";
-/// Gauge: age in seconds of the oldest pending message (0 when none).
-pub const OUTBOX_OLDEST_PENDING_AGE_SECONDS: &str = "vextrus_outbox_oldest_pending_age_seconds";
-/// Gauge: dead letters waiting for replay or discard.
-pub const OUTBOX_DEAD_LETTERS: &str = "vextrus_outbox_dead_letters";
-/// Histogram: seconds from enqueue to the broker's confirmation.
-pub const OUTBOX_PUBLISH_LATENCY_SECONDS: &str = "vextrus_outbox_publish_latency_seconds";
-/// Counter: messages confirmed by the broker.
-pub const OUTBOX_PUBLISHED_TOTAL: &str = "vextrus_outbox_published_total";
-/// Counter: failed publish attempts, labelled with [`LABEL_KIND`].
-pub const OUTBOX_PUBLISH_FAILURES_TOTAL: &str = "vextrus_outbox_publish_failures_total";
-/// Counter: messages that became dead letters.
-pub const OUTBOX_DEAD_LETTERED_TOTAL: &str = "vextrus_outbox_dead_lettered_total";
-/// Counter: inbox messages handled, labelled with [`LABEL_CONSUMER`] and
-/// [`LABEL_OUTCOME`] (`processed`, `duplicate`, `retrying`, `dead_lettered`,
-/// `malformed`).
-pub const INBOX_MESSAGES_TOTAL: &str = "vextrus_inbox_messages_total";
-/// Label: the error kind.
-pub const LABEL_KIND: &str = "kind";
-/// Label: the relay's name.
-pub const LABEL_RELAY: &str = "relay";
-/// Label: the inbox consumer's name.
-pub const LABEL_CONSUMER: &str = "consumer";
-/// Label: what happened to an inbox message.
-pub const LABEL_OUTCOME: &str = "outcome";
+pub use vextrus_telemetry::names::{
+    INBOX_MESSAGES_TOTAL, LABEL_CONSUMER, LABEL_KIND, LABEL_OUTCOME, LABEL_RELAY, OUTBOX_BACKLOG,
+    OUTBOX_DEAD_LETTERED_TOTAL, OUTBOX_DEAD_LETTERS, OUTBOX_PUBLISH_FAILURES_TOTAL,
+    OUTBOX_PUBLISH_LATENCY_SECONDS, OUTBOX_PUBLISH_SECONDS, OUTBOX_PUBLISHED_TOTAL,
+};
+
+/// Gauge: age in seconds of the oldest pending message (0 when none): the
+/// relay's name for [`vextrus_telemetry::names::OUTBOX_OLDEST_PENDING_SECONDS`].
+pub const OUTBOX_OLDEST_PENDING_AGE_SECONDS: &str =
+    vextrus_telemetry::names::OUTBOX_OLDEST_PENDING_SECONDS;
