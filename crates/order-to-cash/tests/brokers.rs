@@ -70,6 +70,13 @@ async fn run(broker: String, database_url: Option<String>, orders: usize, seed: 
     report
 }
 
+/// The PostgreSQL tests take turns: each runs a whole system (sales, four
+/// participants with their reply outboxes, the orchestrator), whose pools
+/// together would crowd the server's connection slots (100 by default) if
+/// the three ran at once; the SQLite ones run beside them.
+static PG_TURN: std::sync::LazyLock<tokio::sync::Mutex<()>> =
+    std::sync::LazyLock::new(|| tokio::sync::Mutex::new(()));
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_on_sqlite() {
     run(nats_url(), None, 300, 11).await;
@@ -77,6 +84,7 @@ async fn nats_on_sqlite() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_on_postgres() {
+    let _turn = PG_TURN.lock().await;
     let (url, name) = fresh_pg().await;
     run(nats_url(), Some(url), 300, 12).await;
     drop_pg(&name).await;
@@ -89,6 +97,7 @@ async fn kafka_on_sqlite() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_on_postgres() {
+    let _turn = PG_TURN.lock().await;
     let (url, name) = fresh_pg().await;
     run(kafka_url(), Some(url), 300, 14).await;
     drop_pg(&name).await;
@@ -103,6 +112,7 @@ async fn kafka_on_postgres() {
 /// Running the demo again with the same seed places nothing twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_remote_orchestrator_restarted_mid_run_loses_nothing() {
+    let _turn = PG_TURN.lock().await;
     let (url, name) = fresh_pg().await;
     let config = DemoConfig {
         orders: 150,
