@@ -193,9 +193,11 @@ where
         b1.created_at
     );
     let c1_since = since(&dead[1]);
-    let micro = chrono::Duration::microseconds(1);
+    // SQLite's clock (julianday('now')) is rounded to the millisecond, so the
+    // recorded time may lie up to half a millisecond outside the window.
+    let resolution = chrono::Duration::milliseconds(1);
     assert!(
-        c1_due_from - micro <= c1_since && c1_since <= c1_due_to + micro,
+        c1_due_from - resolution <= c1_since && c1_since <= c1_due_to + resolution,
         "c1 dead since {c1_since}, not within {c1_due_from}..{c1_due_to}"
     );
     for (row, since) in [(&dead[0], b1_since), (&dead[1], c1_since)] {
