@@ -237,6 +237,30 @@ impl SagaStore for Watched {
 
     async fn commit(&self, transition: SagaTransition) -> Result<SagaInstance, SagaError> {
         let inst = self.inner.commit(transition).await?;
+        Ok(self.watched(inst))
+    }
+
+    async fn commit_claiming(
+        &self,
+        transition: SagaTransition,
+        lease: Duration,
+    ) -> Result<SagaInstance, SagaError> {
+        let inst = self.inner.commit_claiming(transition, lease).await?;
+        Ok(self.watched(inst))
+    }
+
+    async fn release(&self, id: SagaId, token: u64) -> Result<(), SagaError> {
+        self.inner.release(id, token).await
+    }
+
+    async fn message_handled(&self, message_id: Uuid) -> Result<bool, SagaError> {
+        self.inner.message_handled(message_id).await
+    }
+}
+
+impl Watched {
+    /// Tells the saga's waiter if `inst` is terminal (or `CompensationFailed`).
+    fn watched(&self, inst: SagaInstance) -> SagaInstance {
         if inst.state.is_terminal() || inst.state == SagaState::CompensationFailed {
             let waiter = self
                 .waiters
@@ -247,15 +271,7 @@ impl SagaStore for Watched {
                 let _ = tx.send((inst.state, Instant::now()));
             }
         }
-        Ok(inst)
-    }
-
-    async fn release(&self, id: SagaId, token: u64) -> Result<(), SagaError> {
-        self.inner.release(id, token).await
-    }
-
-    async fn message_handled(&self, message_id: Uuid) -> Result<bool, SagaError> {
-        self.inner.message_handled(message_id).await
+        inst
     }
 }
 
