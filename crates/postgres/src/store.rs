@@ -20,6 +20,12 @@ use crate::error::{EVENT_ID_KEY, map_sqlx, unique_violation};
 /// The LISTEN/NOTIFY channel appends notify on.
 pub const NOTIFY_CHANNEL: &str = "vextrus_events";
 
+/// The shortest interval between two wake-ups that
+/// [`NotifyMode::AfterCommit`] (and [`PgEventStore::notify_subscribers`])
+/// send: appends committing within it share one `NOTIFY`, which is a
+/// transaction of its own.
+pub const NOTIFY_COALESCE: Duration = Duration::from_millis(5);
+
 /// How appends wake subscribers that LISTEN on [`NOTIFY_CHANNEL`].
 ///
 /// Subscribers also poll, so every mode is correct; the modes differ in
@@ -32,7 +38,8 @@ pub enum NotifyMode {
     /// notified (they hold a database-wide lock until their commit is
     /// flushed), so notifying inside every append would serialize all
     /// appenders; this keeps appends concurrent and wakes subscribers
-    /// within about one commit. Appends through
+    /// within about one commit plus [`NOTIFY_COALESCE`] (the background
+    /// task sends at most one wake-up per that interval). Appends through
     /// [`PgEventStore::append_in_tx`] do not notify: call
     /// [`PgEventStore::notify_subscribers`] after committing.
     AfterCommit,
@@ -273,16 +280,10 @@ impl PgEventStore {
         events: &[NewEvent],
     ) -> Result<AppendResult> {
         let args = AppendArgs::new(events, self.config.max_payload_bytes)?;
-        let r = self.append_on(tx, stream_id, expected, &args, true).await?;
-        if self.config.notify == NotifyMode::InTransaction {
-            notify_now(tx).await?;
-        }
-        Ok(r)
+        self.append_on(tx, stream_id, expected, &args, true).await
     }
 
-    /// Appends on a pooled connection: one statement, its own transaction
-    /// (under [`NotifyMode::InTransaction`], a transaction that also
-    /// notifies).
+    /// Appends on a pooled connection: one statement, its own transaction.
     pub(crate) async fn append_pooled(
         &self,
         stream_id: &StreamId,
@@ -290,19 +291,11 @@ impl PgEventStore {
         events: &[NewEvent],
     ) -> Result<AppendResult> {
         let args = AppendArgs::new(events, self.config.max_payload_bytes)?;
-        let result = if self.config.notify == NotifyMode::InTransaction {
-            let mut tx = self.pool.begin().await.map_err(map_sqlx)?;
-            let r = self
-                .append_on(&mut tx, stream_id, expected, &args, true)
-                .await?;
-            notify_now(&mut tx).await?;
-            tx.commit().await.map_err(map_sqlx)?;
-            r
-        } else {
-            let mut conn = self.pool.acquire().await.map_err(map_sqlx)?;
-            self.append_on(&mut conn, stream_id, expected, &args, false)
-                .await?
-        };
+        let mut conn = self.pool.acquire().await.map_err(map_sqlx)?;
+        let result = self
+            .append_on(&mut conn, stream_id, expected, &args, false)
+            .await?;
+        drop(conn);
         if self.config.notify == NotifyMode::AfterCommit {
             self.notify_subscribers();
         }
@@ -325,12 +318,13 @@ impl PgEventStore {
         in_tx: bool,
     ) -> Result<AppendResult> {
         let code = expected_code(expected);
+        let notify = self.config.notify == NotifyMode::InTransaction;
         let mut lost = 0u32;
         loop {
             let inserted = if args.ids.len() == 1 {
-                insert_single(&mut *conn, stream_id, expected, args).await
+                insert_single(&mut *conn, stream_id, expected, args, notify).await
             } else {
-                insert_batch(&mut *conn, stream_id, expected, args, in_tx).await
+                insert_batch(&mut *conn, stream_id, expected, args, in_tx, notify).await
             };
             match inserted {
                 Ok(Some(r)) => return Ok(r),
@@ -377,7 +371,8 @@ impl PgEventStore {
 
     /// Wakes subscribers LISTENing on [`NOTIFY_CHANNEL`] (in every process):
     /// sends one `pg_notify` from a background task, sharing it with any
-    /// other wake-up requested while one is in flight. Pooled appends do this
+    /// other wake-up requested while one is in flight or within
+    /// [`NOTIFY_COALESCE`] of the last one. Pooled appends do this
     /// themselves under [`NotifyMode::AfterCommit`]; call it after
     /// committing a transaction that appended with
     /// [`PgEventStore::append_in_tx`]. Without it subscribers still see the
@@ -395,6 +390,9 @@ impl PgEventStore {
                     {
                         tracing::debug!(error = %err, "vextrus: NOTIFY failed; subscribers poll");
                     }
+                    // Appends that commit in the next few milliseconds share
+                    // the next wake-up (one NOTIFY is a commit of its own).
+                    tokio::time::sleep(NOTIFY_COALESCE).await;
                 }
             });
             tx
@@ -768,49 +766,85 @@ macro_rules! expectation_met {
     };
 }
 
-/// A single-event append: `$1` stream, `$2`..`$6` the event's id, type,
+/// A single-event insert: `$1` stream, `$2`..`$6` the event's id, type,
 /// schema version, payload and metadata, `$7` the expectation. Inserts at
 /// the current version + 1 when the expectation holds; `ON CONFLICT DO
 /// NOTHING` makes a concurrent append of that version (or a stored event id)
 /// a clean "nothing written" instead of an error.
+macro_rules! single_insert {
+    () => {
+        concat!(
+            "INSERT INTO vextrus_events \
+             (stream_id, stream_version, event_id, event_type, schema_version, payload, metadata) \
+             SELECT $1, cur.v + 1, $2, $3, $4, $5, $6 FROM cur WHERE ",
+            expectation_met!(),
+            " ON CONFLICT DO NOTHING"
+        )
+    };
+}
+
+/// A single event (see [`single_insert`]).
 const APPEND_SINGLE: &str = concat!(
     "WITH ",
     current_version_cte!(),
-    " INSERT INTO vextrus_events \
-     (stream_id, stream_version, event_id, event_type, schema_version, payload, metadata) \
-     SELECT $1, cur.v + 1, $2, $3, $4, $5, $6 FROM cur WHERE ",
-    expectation_met!(),
-    " ON CONFLICT DO NOTHING \
-     RETURNING position, transaction_id::text::bigint, stream_version"
+    " ",
+    single_insert!(),
+    " RETURNING position, transaction_id::text::bigint, stream_version"
 );
 
-/// A batch append: `$1` stream, `$2`..`$6` the events' columns as arrays,
-/// `$7` the expectation, `$8` whether to check first that none of the ids
-/// is stored. The first event goes in as [`APPEND_SINGLE`]'s does and
-/// claims the version after the current one; the rest follow only if it went
-/// in (no other append can hold their versions: it would have had to claim
-/// the first one).
-const APPEND_BATCH: &str = concat!(
+/// A single event that also notifies [`NOTIFY_CHANNEL`] in its transaction
+/// when it wrote ([`NotifyMode::InTransaction`]).
+const APPEND_SINGLE_NOTIFY: &str = concat!(
     "WITH ",
     current_version_cte!(),
-    ", first AS ( \
-        INSERT INTO vextrus_events \
-        (stream_id, stream_version, event_id, event_type, schema_version, payload, metadata) \
-        SELECT $1, cur.v + 1, $2[1], $3[1], $4[1], $5[1], $6[1] FROM cur WHERE ",
-    expectation_met!(),
-    "   AND NOT ($8 AND EXISTS (SELECT 1 FROM vextrus_events x WHERE x.event_id = ANY ($2))) \
-        ON CONFLICT DO NOTHING \
-        RETURNING position, transaction_id, stream_version), \
-     rest AS ( \
-        INSERT INTO vextrus_events \
-        (stream_id, stream_version, event_id, event_type, schema_version, payload, metadata) \
-        SELECT $1, first.stream_version + b.ord - 1, b.id, b.t, b.sv, b.p, b.m \
-        FROM first, unnest($2, $3, $4, $5, $6) WITH ORDINALITY AS b(id, t, sv, p, m, ord) \
-        WHERE b.ord > 1 \
-        ORDER BY b.ord \
-        RETURNING position) \
-     SELECT first.position, first.transaction_id::text::bigint, first.stream_version, \
-            (SELECT max(rest.position) FROM rest) \
+    ", ins AS (",
+    single_insert!(),
+    " RETURNING position, transaction_id, stream_version) \
+     SELECT ins.position, ins.transaction_id::text::bigint, ins.stream_version, \
+     (SELECT true FROM pg_notify('vextrus_events', '') WHERE ins.position IS NOT NULL) \
+     FROM ins"
+);
+
+/// A batch append up to its result columns: `$1` stream, `$2`..`$6` the
+/// events' columns as arrays, `$7` the expectation, `$8` whether to check
+/// first that none of the ids is stored. The first event goes in as a
+/// single event's does and claims the version after the current one; the
+/// rest follow only if it went in (no other append can hold their versions:
+/// it would have had to claim the first one).
+macro_rules! batch_insert {
+    () => {
+        concat!(
+            "WITH ",
+            current_version_cte!(),
+            ", first AS ( \
+                INSERT INTO vextrus_events \
+                (stream_id, stream_version, event_id, event_type, schema_version, payload, metadata) \
+                SELECT $1, cur.v + 1, $2[1], $3[1], $4[1], $5[1], $6[1] FROM cur WHERE ",
+            expectation_met!(),
+            "   AND NOT ($8 AND EXISTS (SELECT 1 FROM vextrus_events x WHERE x.event_id = ANY ($2))) \
+                ON CONFLICT DO NOTHING \
+                RETURNING position, transaction_id, stream_version), \
+             rest AS ( \
+                INSERT INTO vextrus_events \
+                (stream_id, stream_version, event_id, event_type, schema_version, payload, metadata) \
+                SELECT $1, first.stream_version + b.ord - 1, b.id, b.t, b.sv, b.p, b.m \
+                FROM first, unnest($2, $3, $4, $5, $6) WITH ORDINALITY AS b(id, t, sv, p, m, ord) \
+                WHERE b.ord > 1 \
+                ORDER BY b.ord \
+                RETURNING position) \
+             SELECT first.position, first.transaction_id::text::bigint, first.stream_version, \
+                    (SELECT max(rest.position) FROM rest)"
+        )
+    };
+}
+
+/// A batch (see [`batch_insert`]).
+const APPEND_BATCH: &str = concat!(batch_insert!(), " FROM first");
+
+/// A batch that also notifies in its transaction when it wrote.
+const APPEND_BATCH_NOTIFY: &str = concat!(
+    batch_insert!(),
+    ", (SELECT true FROM pg_notify('vextrus_events', '') WHERE first.position IS NOT NULL) \
      FROM first"
 );
 
@@ -820,8 +854,14 @@ async fn insert_single(
     stream_id: &StreamId,
     expected: ExpectedVersion,
     args: &AppendArgs,
+    notify: bool,
 ) -> std::result::Result<Option<AppendResult>, AppendFailure> {
-    let row = sqlx::query(APPEND_SINGLE)
+    let sql = if notify {
+        APPEND_SINGLE_NOTIFY
+    } else {
+        APPEND_SINGLE
+    };
+    let row = sqlx::query(sql)
         .bind(stream_id.as_str())
         .bind(args.ids[0])
         .bind(&args.types[0])
@@ -853,8 +893,14 @@ async fn insert_batch(
     expected: ExpectedVersion,
     args: &AppendArgs,
     check_ids: bool,
+    notify: bool,
 ) -> std::result::Result<Option<AppendResult>, AppendFailure> {
-    let row = sqlx::query(APPEND_BATCH)
+    let sql = if notify {
+        APPEND_BATCH_NOTIFY
+    } else {
+        APPEND_BATCH
+    };
+    let row = sqlx::query(sql)
         .bind(stream_id.as_str())
         .bind(&args.ids)
         .bind(&args.types)
@@ -938,17 +984,6 @@ async fn append_outcome(
         }
         _ => Ok(None),
     }
-}
-
-/// Sends the wake-up inside the transaction `conn` is in
-/// ([`NotifyMode::InTransaction`]).
-async fn notify_now(conn: &mut PgConnection) -> Result<()> {
-    sqlx::query("SELECT pg_notify($1, '')")
-        .bind(NOTIFY_CHANNEL)
-        .execute(conn)
-        .await
-        .map_err(map_sqlx)?;
-    Ok(())
 }
 
 /// Why an append statement failed.

@@ -387,3 +387,61 @@ async fn a_database_written_by_the_version_row_rule_keeps_working() {
     store.pool().close().await;
     db.drop_db().await;
 }
+
+#[tokio::test]
+async fn notify_in_transaction_is_sent_by_the_append_statement() {
+    let db = common::TestDb::create().await;
+    let store = db
+        .store(small_pool().notify(NotifyMode::InTransaction))
+        .await;
+    let mut listener = sqlx::postgres::PgListener::connect(&db.url).await.unwrap();
+    listener
+        .listen(vextrus_postgres::NOTIFY_CHANNEL)
+        .await
+        .unwrap();
+    let wait = std::time::Duration::from_secs(5);
+    let s = StreamId::new("notify-1").unwrap();
+    // A pooled single event and a pooled batch each notify once.
+    store
+        .append_to_stream(&s, ExpectedVersion::NoStream, &[ev(1)])
+        .await
+        .unwrap();
+    tokio::time::timeout(wait, listener.recv())
+        .await
+        .expect("single event notified")
+        .unwrap();
+    store
+        .append_to_stream(&s, ExpectedVersion::Exact(1), &[ev(2), ev(3)])
+        .await
+        .unwrap();
+    tokio::time::timeout(wait, listener.recv())
+        .await
+        .expect("batch notified")
+        .unwrap();
+    // A conflict writes nothing and sends nothing.
+    store
+        .append_to_stream(&s, ExpectedVersion::Exact(1), &[ev(4)])
+        .await
+        .unwrap_err();
+    // Inside a caller's transaction: delivered at its commit, not before.
+    let mut tx = store.pool().begin().await.unwrap();
+    store
+        .append_in_tx(&mut tx, &s, ExpectedVersion::Exact(3), &[ev(5)])
+        .await
+        .unwrap();
+    assert!(
+        tokio::time::timeout(std::time::Duration::from_millis(300), listener.recv())
+            .await
+            .is_err(),
+        "nothing before the commit (and nothing from the conflict)"
+    );
+    tx.commit().await.unwrap();
+    tokio::time::timeout(wait, listener.recv())
+        .await
+        .expect("in-transaction append notified at commit")
+        .unwrap();
+    listener.unlisten_all().await.ok();
+    drop(listener);
+    store.pool().close().await;
+    db.drop_db().await;
+}
