@@ -105,9 +105,18 @@ impl PgSagaStore {
     /// the timeline entries are ONE statement (data-modifying CTEs); with
     /// commands it runs in a transaction with the outbox insert, otherwise
     /// (no commands, no reply) it is a single autocommit statement.
-    /// `claiming`: the saga's token must be `t.token - 1` and its lease free,
-    /// and becomes `t.token` (see [`SagaStore::commit_claiming`]).
-    async fn write(&self, t: SagaTransition, claiming: bool) -> Result<SagaInstance, SagaError> {
+    /// `claiming` (the instance as read): the saga's token must be
+    /// `t.token - 1`, its `updated_at`, state and progress those read, and
+    /// its lease free; the token becomes `t.token` (see
+    /// [`SagaStore::commit_claiming`]).
+    async fn write(
+        &self,
+        t: SagaTransition,
+        claiming: Option<&SagaInstance>,
+    ) -> Result<SagaInstance, SagaError> {
+        let read_progress = claiming
+            .map(|r| serde_json::to_string(&r.progress))
+            .transpose()?;
         let messages = t
             .commands
             .iter()
@@ -143,7 +152,10 @@ impl PgSagaStore {
             .bind(i64::try_from(events.len()).unwrap_or(i64::MAX))
             .bind(&events)
             .bind(t.inbox_message_id)
-            .bind(claiming);
+            .bind(claiming.is_some())
+            .bind(claiming.map(|r| r.updated_at))
+            .bind(claiming.map(|r| r.state.as_str()))
+            .bind(read_progress);
 
         // Without a transaction of its own, a statement that fails writes
         // nothing; an inbox record with no update can only happen inside
@@ -154,13 +166,13 @@ impl PgSagaStore {
             let row = query.fetch_one(&mut *conn).await.map_err(map_err)?;
             return match decode_written(&row, &t)? {
                 Some(instance) => Ok(instance),
-                None => Err(write_refused(&mut conn, &t, claiming).await),
+                None => Err(write_refused(&mut conn, &t, claiming.is_some()).await),
             };
         }
         let mut tx = conn.begin().await.map_err(map_err)?;
         let row = query.fetch_one(&mut *tx).await.map_err(map_err)?;
         let Some(instance) = decode_written(&row, &t)? else {
-            return Err(write_refused(&mut tx, &t, claiming).await);
+            return Err(write_refused(&mut tx, &t, claiming.is_some()).await);
         };
         if !messages.is_empty() {
             enqueue_on(&mut tx, &messages).await.map_err(outbox_err)?;
@@ -201,6 +213,7 @@ static WRITE_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
                 AND CASE WHEN $14::boolean
                          THEN fencing_token = $2 - 1
                               AND (lease_expires_at IS NULL OR lease_expires_at <= now())
+                              AND updated_at = $15 AND state = $16 AND progress = $17::jsonb
                          ELSE fencing_token = $2 END
              RETURNING *
          ), h AS (
@@ -244,7 +257,7 @@ async fn write_refused(conn: &mut PgConnection, t: &SagaTransition, claiming: bo
     match current {
         Ok(Some((current, owner))) => {
             let current = u64::try_from(current).unwrap_or(0);
-            if current + 1 == t.token {
+            if current + 1 == t.token && owner.is_some() {
                 SagaError::Leased {
                     saga_id: t.saga_id,
                     owner: owner.unwrap_or_default(),
@@ -529,15 +542,16 @@ impl SagaStore for PgSagaStore {
     }
 
     async fn commit(&self, t: SagaTransition) -> Result<SagaInstance, SagaError> {
-        self.write(t, false).await
+        self.write(t, None).await
     }
 
     async fn commit_claiming(
         &self,
         t: SagaTransition,
+        read: &SagaInstance,
         _lease: Duration,
     ) -> Result<SagaInstance, SagaError> {
-        self.write(t, true).await
+        self.write(t, Some(read)).await
     }
 
     async fn release(&self, id: SagaId, token: u64) -> Result<(), SagaError> {

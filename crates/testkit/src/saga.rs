@@ -813,7 +813,7 @@ pub async fn claiming_commit_is_fenced<B: SagaStoreBackend>(backend: &B) {
     let mut t = probe_transition(&read, read.fencing_token + 1, "r1");
     t.wake = Wake::Now;
     t.inbox_message_id = Some(reply);
-    let inst = store.commit_claiming(t, lease).await.unwrap();
+    let inst = store.commit_claiming(t, &read, lease).await.unwrap();
     assert_eq!(inst.fencing_token, read.fencing_token + 1);
     assert_eq!(inst.data, json!({"written_by": "r1"}));
     assert_eq!(inst.lease, None);
@@ -822,7 +822,11 @@ pub async fn claiming_commit_is_fenced<B: SagaStoreBackend>(backend: &B) {
 
     // A second writer that read the same version is fenced.
     let err = store
-        .commit_claiming(probe_transition(&read, read.fencing_token + 1, "r2"), lease)
+        .commit_claiming(
+            probe_transition(&read, read.fencing_token + 1, "r2"),
+            &read,
+            lease,
+        )
         .await
         .unwrap_err();
     assert!(err.is_fenced(), "{err:?}");
@@ -831,12 +835,32 @@ pub async fn claiming_commit_is_fenced<B: SagaStoreBackend>(backend: &B) {
     // A live lease keeps a claiming writer out, even with a current read.
     let a = store.claim(id, "a", lease).await.unwrap();
     let err = store
-        .commit_claiming(probe_transition(&a.instance, a.token + 1, "r3"), lease)
+        .commit_claiming(
+            probe_transition(&a.instance, a.token + 1, "r3"),
+            &a.instance,
+            lease,
+        )
         .await
         .unwrap_err();
     assert!(matches!(err, SagaError::Leased { .. }), "{err:?}");
-    // The lease holder's token is still current.
-    store.release(id, a.token).await.unwrap();
+    // The lease holder's token is still current; it commits and lets go.
+    // The token does not move, but a writer holding the read from before
+    // that commit is stale and is fenced.
+    store
+        .commit(probe_transition(&a.instance, a.token, "a"))
+        .await
+        .unwrap();
+    let history = store.history(id).await.unwrap();
+    let err = store
+        .commit_claiming(
+            probe_transition(&a.instance, a.token + 1, "stale"),
+            &a.instance,
+            lease,
+        )
+        .await
+        .unwrap_err();
+    assert!(err.is_fenced(), "{err:?}");
+    assert_eq!(load(&store, id).await.data, json!({"written_by": "a"}));
     assert_eq!(store.history(id).await.unwrap(), history);
 
     // The reply handled before: nothing written, nothing held.
@@ -844,11 +868,11 @@ pub async fn claiming_commit_is_fenced<B: SagaStoreBackend>(backend: &B) {
     let mut t = probe_transition(&read, read.fencing_token + 1, "r4");
     t.inbox_message_id = Some(reply);
     assert!(matches!(
-        store.commit_claiming(t, lease).await,
+        store.commit_claiming(t, &read, lease).await,
         Err(SagaError::DuplicateMessage(m)) if m == reply
     ));
     let now = load(&store, id).await;
-    assert_eq!(now.data, json!({"written_by": "r1"}));
+    assert_eq!(now.data, json!({"written_by": "a"}));
     assert_eq!(now.lease, None);
     assert_eq!(store.history(id).await.unwrap(), history);
 
@@ -857,7 +881,7 @@ pub async fn claiming_commit_is_fenced<B: SagaStoreBackend>(backend: &B) {
     let mut t = probe_transition(&now, now.fencing_token + 1, "r5");
     t.inbox_message_id = Some(uuid::Uuid::now_v7());
     t.lease = LeaseUpdate::Extend(lease);
-    let inst = store.commit_claiming(t, lease).await.unwrap();
+    let inst = store.commit_claiming(t, &now, lease).await.unwrap();
     assert_eq!(inst.lease.as_ref().map(|l| l.owner.as_str()), Some("r5"));
     assert!(matches!(
         store.claim(id, "b", lease).await,

@@ -423,7 +423,7 @@ impl<S: SagaStore> Orchestrator<S> {
         };
         t.inbox_message_id = Some(reply.message_id);
         let mut pending = None;
-        let mut claiming = true;
+        let mut claiming = Some(inst.clone());
         let driven = match self.settle(&inst, t, &mut pending, &mut claiming).await {
             Ok(_) if !applies => return Ok(ReplyDisposition::Ignored),
             // Applied and due again at once: the reply's transition is
@@ -484,8 +484,8 @@ impl<S: SagaStore> Orchestrator<S> {
         t.history
             .push(HistoryEvent::saga(HistoryKind::OperatorRetry));
         let mut pending = None;
-        let inst = self.settle(&inst, t, &mut pending, &mut false).await?;
-        self.drive(&*def, inst, token, pending, false).await?;
+        let inst = self.settle(&inst, t, &mut pending, &mut None).await?;
+        self.drive(&*def, inst, token, pending, None).await?;
         self.store.load(id).await?.ok_or(SagaError::NotFound(id))
     }
 
@@ -528,8 +528,8 @@ impl<S: SagaStore> Orchestrator<S> {
             t.progress.in_flight = None;
         }
         let mut pending = None;
-        let inst = self.settle(&inst, t, &mut pending, &mut false).await?;
-        self.drive(&*def, inst, token, pending, false).await?;
+        let inst = self.settle(&inst, t, &mut pending, &mut None).await?;
+        self.drive(&*def, inst, token, pending, None).await?;
         self.store.load(id).await?.ok_or(SagaError::NotFound(id))
     }
 
@@ -554,7 +554,7 @@ impl<S: SagaStore> Orchestrator<S> {
             .await
         {
             Ok(def) => {
-                self.drive(&*def, claim.instance, claim.token, None, false)
+                self.drive(&*def, claim.instance, claim.token, None, None)
                     .await
             }
             Err(e) => Err(e),
@@ -585,16 +585,16 @@ impl<S: SagaStore> Orchestrator<S> {
     /// `pending` is a transition not yet committed whose saga is due now
     /// (`inst` is its preview): it is committed together with the start of
     /// the next action or compensation, so a step costs one commit, not two.
-    /// With `claiming`, the saga is not claimed yet (`token` is the token
-    /// the claim will give): the first write claims it
-    /// ([`SagaStore::commit_claiming`]).
+    /// With `claiming` (the instance as read), the saga is not claimed yet
+    /// (`token` is the token the claim will give): the first write claims
+    /// it ([`SagaStore::commit_claiming`]).
     async fn drive(
         &self,
         def: &dyn ErasedSaga,
         mut inst: SagaInstance,
         token: u64,
         mut pending: Option<SagaTransition>,
-        mut claiming: bool,
+        mut claiming: Option<SagaInstance>,
     ) -> Result<(), SagaError> {
         loop {
             if pending.is_none() {
@@ -602,7 +602,7 @@ impl<S: SagaStore> Orchestrator<S> {
                     || inst.state.is_terminal()
                     || !self.is_due(&inst).await?;
                 if waiting {
-                    if inst.lease.is_some() && !claiming {
+                    if inst.lease.is_some() && claiming.is_none() {
                         self.store.release(inst.id, token).await?;
                     }
                     return Ok(());
@@ -728,7 +728,7 @@ impl<S: SagaStore> Orchestrator<S> {
         inst: &SagaInstance,
         t: SagaTransition,
         pending: &mut Option<SagaTransition>,
-        claiming: &mut bool,
+        claiming: &mut Option<SagaInstance>,
     ) -> Result<SagaInstance, SagaError> {
         if !continues_now(&t) {
             return self.write(t, claiming).await;
@@ -743,10 +743,12 @@ impl<S: SagaStore> Orchestrator<S> {
     async fn write(
         &self,
         t: SagaTransition,
-        claiming: &mut bool,
+        claiming: &mut Option<SagaInstance>,
     ) -> Result<SagaInstance, SagaError> {
-        if std::mem::take(claiming) {
-            self.store.commit_claiming(t, self.config.lease).await
+        if let Some(read) = claiming.take() {
+            self.store
+                .commit_claiming(t, &read, self.config.lease)
+                .await
         } else {
             self.store.commit(t).await
         }
