@@ -818,7 +818,6 @@ pub async fn claiming_commit_is_fenced<B: SagaStoreBackend>(backend: &B) {
     assert_eq!(inst.data, json!({"written_by": "r1"}));
     assert_eq!(inst.lease, None);
     assert!(store.message_handled(reply).await.unwrap());
-    let history = store.history(id).await.unwrap();
 
     // A second writer that read the same version is fenced.
     let err = store
