@@ -266,8 +266,34 @@ pub async fn malformed_message_is_dead_lettered<B: InboxBackend>(backend: B) {
 /// Expands to one `#[tokio::test]` per inbox conformance case, each
 /// running against the given [`InboxBackend`] expression.
 ///
-/// ```ignore
-/// vextrus_testkit::inbox_conformance!(MyBackend::new());
+/// The in-memory backend, as `crates/core/tests/outbox_memory.rs` runs it
+/// (in a test target, each case is a `#[tokio::test]`):
+///
+/// ```
+/// use vextrus_core::outbox::{InMemoryOutbox, InMemoryUnitOfWorkTx};
+/// use vextrus_testkit::inbox::InboxBackend;
+///
+/// struct Memory;
+///
+/// impl InboxBackend for Memory {
+///     type Store = InMemoryOutbox;
+///
+///     async fn fresh(&self) -> InMemoryOutbox {
+///         InMemoryOutbox::new()
+///     }
+///
+///     async fn add_effect(&self, tx: &mut InMemoryUnitOfWorkTx, key: &str) {
+///         let n = tx.get("effects", key).and_then(|v| v.as_u64()).unwrap_or(0);
+///         tx.put("effects", key, serde_json::json!(n + 1));
+///     }
+///
+///     async fn effect(&self, store: &InMemoryOutbox, key: &str) -> u64 {
+///         store.document("effects", key).and_then(|v| v.as_u64()).unwrap_or(0)
+///     }
+/// }
+///
+/// vextrus_testkit::inbox_conformance!(Memory);
+/// # fn main() {}
 /// ```
 #[macro_export]
 macro_rules! inbox_conformance {

@@ -660,8 +660,36 @@ pub async fn unit_of_work_rollback_leaves_nothing<B: OutboxBackend>(backend: &B)
 /// running against the given [`OutboxBackend`] expression; the per-key
 /// order case runs 3 workers, 50 keys and the given number of messages.
 ///
-/// ```ignore
-/// vextrus_testkit::outbox_conformance!(MyBackend::new(), 20_000);
+/// The in-memory backend, as `crates/core/tests/outbox_memory.rs` runs it
+/// (in a test target, each case is a `#[tokio::test]`):
+///
+/// ```
+/// use vextrus_core::inbox::InboxStore;
+/// use vextrus_core::outbox::InMemoryOutbox;
+/// use vextrus_core::transport::MessageId;
+/// use vextrus_core::{EventReader, StreamId};
+/// use vextrus_testkit::outbox::OutboxBackend;
+///
+/// struct Memory;
+///
+/// impl OutboxBackend for Memory {
+///     type Store = InMemoryOutbox;
+///
+///     async fn fresh(&self) -> InMemoryOutbox {
+///         InMemoryOutbox::new()
+///     }
+///
+///     async fn stream_version(&self, store: &InMemoryOutbox, stream: &StreamId) -> Option<u64> {
+///         store.event_store().stream_version(stream).await.unwrap()
+///     }
+///
+///     async fn inbox_has(&self, store: &InMemoryOutbox, consumer: &str, id: MessageId) -> bool {
+///         store.is_processed(consumer, id).await.unwrap()
+///     }
+/// }
+///
+/// vextrus_testkit::outbox_conformance!(Memory, 20_000);
+/// # fn main() {}
 /// ```
 #[macro_export]
 macro_rules! outbox_conformance {
