@@ -247,15 +247,7 @@ impl SagaStore for PgSagaStore {
         .await
         .map_err(map_err)?;
         rows.into_iter()
-            .map(|(saga_type, state, count)| {
-                Ok(SagaCount {
-                    saga_type,
-                    state: state
-                        .parse::<SagaState>()
-                        .map_err(|e| SagaError::backend(format!("stored saga state: {e}")))?,
-                    count: u64::try_from(count).unwrap_or(0),
-                })
-            })
+            .map(|(saga_type, state, count)| SagaCount::from_row(saga_type, &state, count))
             .collect()
     }
 

@@ -120,6 +120,28 @@ pub struct SagaCount {
     pub count: u64,
 }
 
+impl SagaCount {
+    /// One row of a SQL store's `GROUP BY saga_type, state` count: the
+    /// state as stored text, the count as the database's signed integer.
+    ///
+    /// ```
+    /// use vextrus_core::saga::{SagaCount, SagaState};
+    ///
+    /// let c = SagaCount::from_row("order".into(), "completed", 3).unwrap();
+    /// assert_eq!((c.state, c.count), (SagaState::Completed, 3));
+    /// assert!(SagaCount::from_row("order".into(), "nonsense", 1).is_err());
+    /// ```
+    pub fn from_row(saga_type: String, state: &str, count: i64) -> Result<Self, SagaError> {
+        Ok(Self {
+            saga_type,
+            state: state
+                .parse::<SagaState>()
+                .map_err(|e| SagaError::backend(format!("stored saga state: {e}")))?,
+            count: u64::try_from(count).unwrap_or(0),
+        })
+    }
+}
+
 /// Durable storage of saga instances, their timelines, leases and timers.
 ///
 /// Contract every backend keeps (the testkit's saga suite checks it):
