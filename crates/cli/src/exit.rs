@@ -45,6 +45,11 @@ fn kind_of(err: &anyhow::Error) -> Option<ErrorKind> {
         if let Some(e) = cause.downcast_ref::<vextrus_core::saga::SagaError>() {
             return Some(e.kind());
         }
+        // `vextrus demo` and `serve`: the order-to-cash error keeps the kind
+        // of what failed under it (an unreachable database is Transient).
+        if let Some(e) = cause.downcast_ref::<vextrus_order_to_cash::Error>() {
+            return Some(e.kind());
+        }
         if cause.downcast_ref::<BadInput>().is_some() {
             return Some(ErrorKind::Validation);
         }

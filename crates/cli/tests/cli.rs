@@ -368,6 +368,13 @@ fn demo_runs_order_to_cash_and_checks_invariants() {
     assert!(report.contains("orders: 60 (seed 7)"), "{report}");
     assert!(report.contains("0 not terminal"), "{report}");
     assert!(report.contains("all hold"), "{report}");
+    // The report says how long the run took.
+    assert!(
+        report
+            .lines()
+            .any(|l| l.starts_with("elapsed: ") && l.contains(" s, throughput: ")),
+        "{report}"
+    );
     // Per-step time comes from the saga step histogram: every step of a
     // completed order-to-cash saga was timed at least once.
     assert!(report.contains("where the time went"), "{report}");
@@ -385,4 +392,17 @@ fn demo_runs_order_to_cash_and_checks_invariants() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    // A database that cannot be reached is an outage (5), not a failure (1).
+    let out = Command::new(BIN)
+        .args([
+            "demo",
+            "--orders",
+            "1",
+            "--quiet",
+            "--database-url",
+            "postgres://postgres@127.0.0.1:1/none",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
 }

@@ -8,10 +8,12 @@
 //!
 //! Each run gets a fresh database (`CREATE DATABASE`, dropped afterwards) on
 //! `SAGA_BENCH_PG` (default `postgres://postgres@127.0.0.1:5432`): Sales'
-//! event store, the four participants' tables and reply outboxes, and the
-//! orchestrator's durable saga store ([`PgSagaStore`] over the same
-//! database's `vextrus_outbox`), wired from the library's `node` pieces the
-//! way `run_demo` wires them, with no injected faults. `SAGA_BENCH_ORDERS`
+//! event store, the four participants' tables, and the orchestrator's
+//! durable saga store ([`PgSagaStore`] over the same database's
+//! `vextrus_outbox`), wired from the library's `node` pieces, with no
+//! injected faults. One relay (woken by NOTIFY, 500 ms fallback poll)
+//! publishes that one outbox table, commands and replies alike: the
+//! participants run without relays of their own. `SAGA_BENCH_ORDERS`
 //! orders (default 1000) are placed with `SAGA_BENCH_CONCURRENCY` sagas in
 //! flight (default 64) by 2 orchestrator workers.
 //!
@@ -58,9 +60,10 @@ use vextrus_kernel::{AggregateId, CommandContext, Currency, Money, Quantity, Sku
 use vextrus_order_to_cash::accounting::Accounting;
 use vextrus_order_to_cash::inventory::{Inventory, StockLine};
 use vextrus_order_to_cash::node::{
-    Broker, InProcessBroker, NatsBroker, start_orchestrator, start_participant,
+    Broker, InProcessBroker, NatsBroker, listening_relay_config, start_orchestrator_with,
+    start_participant_served_by_shared_relay,
 };
-use vextrus_order_to_cash::participant::{ReplyOutbox, ServeConfig};
+use vextrus_order_to_cash::participant::ServeConfig;
 use vextrus_order_to_cash::payment::Payment;
 use vextrus_order_to_cash::saga::{
     ACCOUNTING, INVENTORY, OrderToCashData, PAYMENT, REPLIES, SAGA_TYPE, SHIPPING, StepPolicy,
@@ -70,6 +73,9 @@ use vextrus_order_to_cash::sales::{OrderCommand, OrderLine, Sales};
 use vextrus_order_to_cash::shipping::Shipping;
 use vextrus_order_to_cash::{Database, Durability, FaultInjector, IdempotencyKey};
 use vextrus_postgres::{PgEventStore, PgOutbox, PgSagaStore};
+
+/// The saga workers' fallback poll.
+const ORCHESTRATOR_POLL: Duration = Duration::from_millis(500);
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type Res<T> = Result<T, BoxError>;
@@ -237,6 +243,31 @@ impl SagaStore for Watched {
 
     async fn commit(&self, transition: SagaTransition) -> Result<SagaInstance, SagaError> {
         let inst = self.inner.commit(transition).await?;
+        Ok(self.watched(inst))
+    }
+
+    async fn commit_claiming(
+        &self,
+        transition: SagaTransition,
+        read: &SagaInstance,
+        lease: Duration,
+    ) -> Result<SagaInstance, SagaError> {
+        let inst = self.inner.commit_claiming(transition, read, lease).await?;
+        Ok(self.watched(inst))
+    }
+
+    async fn release(&self, id: SagaId, token: u64) -> Result<(), SagaError> {
+        self.inner.release(id, token).await
+    }
+
+    async fn message_handled(&self, message_id: Uuid) -> Result<bool, SagaError> {
+        self.inner.message_handled(message_id).await
+    }
+}
+
+impl Watched {
+    /// Tells the saga's waiter if `inst` is terminal (or `CompensationFailed`).
+    fn watched(&self, inst: SagaInstance) -> SagaInstance {
         if inst.state.is_terminal() || inst.state == SagaState::CompensationFailed {
             let waiter = self
                 .waiters
@@ -247,15 +278,7 @@ impl SagaStore for Watched {
                 let _ = tx.send((inst.state, Instant::now()));
             }
         }
-        Ok(inst)
-    }
-
-    async fn release(&self, id: SagaId, token: u64) -> Result<(), SagaError> {
-        self.inner.release(id, token).await
-    }
-
-    async fn message_handled(&self, message_id: Uuid) -> Result<bool, SagaError> {
-        self.inner.message_handled(message_id).await
+        inst
     }
 }
 
@@ -551,10 +574,6 @@ async fn measure<B: Broker>(
     payment.migrate().await?;
     shipping.migrate().await?;
     accounting.migrate().await?;
-    let mut outboxes = Vec::new();
-    for _ in 0..4 {
-        outboxes.push(ReplyOutbox::open(&db).await?);
-    }
     for i in 0..SKUS {
         let line = StockLine {
             sku: sku(i)?,
@@ -572,21 +591,33 @@ async fn measure<B: Broker>(
         StepPolicy::default(),
     ))?;
     let serve = ServeConfig::default();
+    // One database, one outbox table: the orchestrator's relay publishes
+    // the participants' replies too (one relay per database, not per role).
     let participants = vec![
-        start_participant(&broker, inventory, &outboxes[0], INVENTORY, serve).await?,
-        start_participant(&broker, payment, &outboxes[1], PAYMENT, serve).await?,
-        start_participant(&broker, shipping, &outboxes[2], SHIPPING, serve).await?,
-        start_participant(&broker, accounting, &outboxes[3], ACCOUNTING, serve).await?,
+        start_participant_served_by_shared_relay(&broker, inventory, INVENTORY, serve).await?,
+        start_participant_served_by_shared_relay(&broker, payment, PAYMENT, serve).await?,
+        start_participant_served_by_shared_relay(&broker, shipping, SHIPPING, serve).await?,
+        start_participant_served_by_shared_relay(&broker, accounting, ACCOUNTING, serve).await?,
     ];
     let orchestrators: Vec<Orchestrator<Watched>> = (0..2)
         .map(|i| {
             let mut c = OrchestratorConfig::worker(format!("bench-worker-{i}"));
             c.batch_size = settings.concurrency.max(16);
-            c.poll_interval = Duration::from_millis(5);
+            // Starts wake the worker at once; replies drive their sagas
+            // on; the poll only finds timers (none without faults) and
+            // sagas a dead worker left.
+            c.poll_interval = ORCHESTRATOR_POLL;
             Orchestrator::with_config(sagas.clone(), registry.clone(), c)
         })
         .collect();
-    let transport_side = start_orchestrator(&broker, orchestrators[0].clone(), outbox).await?;
+    let transport_side = start_orchestrator_with(
+        &broker,
+        orchestrators[0].clone(),
+        outbox,
+        // The one relay of the run's database: commands and replies.
+        listening_relay_config(format!("bench-relay-{}", std::process::id())),
+    )
+    .await?;
     let stop = Arc::new(tokio::sync::Notify::new());
     let workers: Vec<_> = orchestrators
         .iter()
@@ -678,11 +709,6 @@ async fn measure<B: Broker>(
     }
     store.pool().close().await;
     db.pool().close().await;
-    for o in &outboxes {
-        if let ReplyOutbox::Postgres(o) = o {
-            o.pool().close().await;
-        }
-    }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (end_xacts, end_rollbacks) = xacts(admin, dbname).await?;
     // The work after the last saga (stopping) ran at most at the idle rate.

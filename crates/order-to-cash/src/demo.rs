@@ -483,12 +483,43 @@ async fn pg_saga_store_sized(url: &str, max_connections: Option<u32>) -> Result<
 trait DurableSagaStore: SagaStore + Clone + Send + Sync + 'static {
     type Outbox: OutboxClaimer + DeadLetters + Clone + Send + Sync + 'static;
     fn command_outbox(&self) -> Self::Outbox;
+
+    /// Which of `ids` are terminal. The default loads each saga; a store
+    /// that can read them all at once says so in one query (the placer
+    /// asks every few milliseconds for every saga in flight).
+    fn terminal_among(
+        &self,
+        ids: &[SagaId],
+    ) -> impl std::future::Future<Output = Result<Vec<SagaId>>> + Send {
+        async move {
+            let mut done = Vec::new();
+            for id in ids {
+                if let Some(inst) = self.load(*id).await.map_err(saga_error)?
+                    && inst.state.is_terminal()
+                {
+                    done.push(*id);
+                }
+            }
+            Ok(done)
+        }
+    }
 }
 
 impl DurableSagaStore for SqliteSagaStore {
     type Outbox = SqliteOutbox;
     fn command_outbox(&self) -> SqliteOutbox {
         self.outbox().clone()
+    }
+
+    async fn terminal_among(&self, ids: &[SagaId]) -> Result<Vec<SagaId>> {
+        Ok(self
+            .states_of(ids)
+            .await
+            .map_err(saga_error)?
+            .into_iter()
+            .filter(|(_, state)| state.is_terminal())
+            .map(|(id, _)| id)
+            .collect())
     }
 }
 
@@ -499,11 +530,10 @@ impl DurableSagaStore for PgSagaStore {
     }
 }
 
+/// A saga engine or saga store failure, kind kept (a database outage stays
+/// [`Transient`](vextrus_kernel::ErrorKind::Transient): the CLI exits 5).
 fn saga_error(e: vextrus_core::saga::SagaError) -> Error {
-    Error::IllegalState {
-        participant: "orchestrator",
-        reason: e.to_string(),
-    }
+    Error::Saga(e)
 }
 
 fn map_state(state: EngineState, step: Option<&str>) -> SagaState {
@@ -969,7 +999,7 @@ async fn place_and_wait<S, St>(
 ) -> Result<(Vec<(SagaId, AggregateId)>, Duration)>
 where
     S: EventAppender + EventReader + SnapshotStore + Send + Sync + 'static,
-    St: SagaStore + Clone + Send + Sync + 'static,
+    St: DurableSagaStore,
 {
     let store = orchestrator.store();
     let mut rng = Rng(config.seed ^ 0x6f72_6465_7273);
@@ -1045,17 +1075,12 @@ where
             in_flight.push(id);
             all.push((id, order_id));
         }
-        let mut still = Vec::with_capacity(in_flight.len());
-        for id in in_flight.drain(..) {
-            match store.load(id).await.map_err(saga_error)? {
-                Some(inst) if inst.state.is_terminal() => {
-                    finished += 1;
-                    last_finish = Instant::now();
-                }
-                _ => still.push(id),
-            }
+        let done = store.terminal_among(&in_flight).await?;
+        if !done.is_empty() {
+            finished += done.len();
+            last_finish = Instant::now();
+            in_flight.retain(|id| !done.contains(id));
         }
-        in_flight = still;
         if let Some(cb) = progress {
             cb(DemoProgress {
                 started: all.len(),
@@ -1211,4 +1236,28 @@ where
         timelines,
         invariants,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use vextrus_core::saga::SagaError;
+    use vextrus_kernel::{ErrorKind, HasErrorKind};
+
+    use super::*;
+
+    #[test]
+    fn saga_errors_keep_their_kind() {
+        let outage = saga_error(SagaError::unavailable("connection refused"));
+        assert_eq!(outage.kind(), ErrorKind::Transient);
+        assert!(
+            outage.to_string().contains("connection refused"),
+            "{outage}"
+        );
+        let missing = saga_error(SagaError::NotFound(SagaId::new()));
+        assert_eq!(
+            missing.kind(),
+            SagaError::NotFound(SagaId::new()).kind(),
+            "{missing}"
+        );
+    }
 }

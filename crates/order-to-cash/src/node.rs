@@ -350,11 +350,12 @@ impl Broker for KafkaBroker {
     }
 }
 
-/// A running participant: its serving loop and its reply relay.
+/// A running participant: its serving loop and, unless another relay of
+/// the process publishes its database's outbox, its reply relay.
 #[derive(Debug)]
 pub struct RunningParticipant {
     serve: JoinHandle<Result<()>>,
-    relay: RelayHandle,
+    relay: Option<RelayHandle>,
 }
 
 impl RunningParticipant {
@@ -362,7 +363,9 @@ impl RunningParticipant {
     /// relay (after its current batch).
     pub async fn stop(self) -> Result<()> {
         self.serve.abort();
-        self.relay.shutdown().await?;
+        if let Some(relay) = self.relay {
+            relay.shutdown().await?;
+        }
         Ok(())
     }
 }
@@ -377,6 +380,24 @@ pub fn relay_config(name: impl Into<String>) -> RelayConfig {
     c.max_attempts = 1_000;
     c.backoff = Backoff::new(Duration::from_millis(20), Duration::from_secs(2), 2.0);
     c.lease = Duration::from_secs(30);
+    c
+}
+
+/// The fallback poll of relays woken by LISTEN/NOTIFY (PostgreSQL): every
+/// enqueue notifies at commit, so the poll only covers a lost notification
+/// or a retry's backoff coming due.
+pub const LISTENING_POLL_INTERVAL: Duration = Duration::from_millis(500);
+
+/// [`relay_config`] for an outbox whose enqueues wake its relays
+/// (PostgreSQL's `NOTIFY vextrus_outbox`, delivered at commit, also for
+/// enqueues through [`vextrus_postgres::any::enqueue`]): the same, with a
+/// [`LISTENING_POLL_INTERVAL`] fallback poll instead of 5 ms, and gauges
+/// refreshed every 5 s, so an idle relay costs a few statements a second,
+/// not hundreds.
+pub fn listening_relay_config(name: impl Into<String>) -> RelayConfig {
+    let mut c = relay_config(name);
+    c.poll_interval = LISTENING_POLL_INTERVAL;
+    c.metrics_interval = Duration::from_secs(5);
     c
 }
 
@@ -397,10 +418,34 @@ where
     let source = broker.subscribe(destination, P::NAME).await?;
     let relay = outbox.spawn_relay(
         broker.transport(),
-        relay_config(format!("{}-relay-{}", P::NAME, std::process::id())),
+        outbox.relay_config(format!("{}-relay-{}", P::NAME, std::process::id())),
     );
     let serve = tokio::spawn(participant::serve(participant, source, serve));
-    Ok(RunningParticipant { serve, relay })
+    Ok(RunningParticipant {
+        serve,
+        relay: Some(relay),
+    })
+}
+
+/// Starts `participant`'s serving loop on `destination` without a relay of
+/// its own: for a process where one relay already publishes the outbox of
+/// the participant's database (on PostgreSQL every role may share one
+/// database, and so one `vextrus_outbox` table: one relay per database
+/// instead of one per role, e.g. the orchestrator's from
+/// [`start_orchestrator_with`]). Replies wait there until that relay runs.
+pub async fn start_participant_served_by_shared_relay<B, P>(
+    broker: &B,
+    participant: Arc<P>,
+    destination: &str,
+    serve: ServeConfig,
+) -> Result<RunningParticipant>
+where
+    B: Broker,
+    P: Participant + 'static,
+{
+    let source = broker.subscribe(destination, P::NAME).await?;
+    let serve = tokio::spawn(participant::serve(participant, source, serve));
+    Ok(RunningParticipant { serve, relay: None })
 }
 
 /// The orchestrator's transport side: the relay of the saga store's outbox
@@ -444,12 +489,24 @@ where
     S: SagaStore + Clone + Send + Sync + 'static,
     O: OutboxClaimer + DeadLetters + Clone + Send + Sync + 'static,
 {
-    let relay = OutboxRelay::new(
-        outbox.clone(),
-        broker.transport(),
-        relay_config(format!("orchestrator-relay-{}", std::process::id())),
-    )
-    .spawn();
+    let relay = relay_config(format!("orchestrator-relay-{}", std::process::id()));
+    start_orchestrator_with(broker, orchestrator, outbox, relay).await
+}
+
+/// [`start_orchestrator`] with the relay's settings given: on PostgreSQL,
+/// [`listening_relay_config`] (the saga store's commits notify the relay).
+pub async fn start_orchestrator_with<B, S, O>(
+    broker: &B,
+    orchestrator: Orchestrator<S>,
+    outbox: O,
+    relay: RelayConfig,
+) -> Result<RunningOrchestrator>
+where
+    B: Broker,
+    S: SagaStore + Clone + Send + Sync + 'static,
+    O: OutboxClaimer + DeadLetters + Clone + Send + Sync + 'static,
+{
+    let relay = OutboxRelay::new(outbox.clone(), broker.transport(), relay).spawn();
     let source = broker.subscribe(REPLIES, ORCHESTRATOR_CONSUMER).await?;
     let (stop, mut stopped) = tokio::sync::watch::channel(false);
     let replies = tokio::spawn(serve_replies(

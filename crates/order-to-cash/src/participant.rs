@@ -18,7 +18,7 @@ use vextrus_core::transport::{
 };
 use vextrus_core::unit_of_work::InboxRecord;
 use vextrus_kernel::HasErrorKind;
-use vextrus_postgres::{PgEventStore, PgOutbox};
+use vextrus_postgres::{PgEventStore, PgOutbox, PgStoreConfig};
 use vextrus_sqlite::{SqliteEventStore, SqliteOutbox};
 
 use crate::db::{self, Backend, Database, Durability, IdempotencyKey};
@@ -397,6 +397,20 @@ pub enum ReplyOutbox {
 }
 
 impl ReplyOutbox {
+    /// The pool size of a PostgreSQL reply outbox (its relay's connections).
+    pub const PG_POOL_SIZE: u32 = 4;
+
+    /// The relay settings for this outbox: [`crate::node::relay_config`]
+    /// on SQLite (replies enqueued through the participant's own
+    /// connections are found by polling), [`crate::node::listening_relay_config`]
+    /// on PostgreSQL (the enqueue's NOTIFY wakes the relay at commit).
+    pub fn relay_config(&self, name: impl Into<String>) -> RelayConfig {
+        match self {
+            ReplyOutbox::Sqlite(_) => crate::node::relay_config(name),
+            ReplyOutbox::Postgres(_) => crate::node::listening_relay_config(name),
+        }
+    }
+
     /// Opens the outbox of `db`'s database and applies the standard vextrus
     /// migrations there (event store, outbox and inbox tables: SQLite's
     /// `vextrus_sqlite::migrate::MIGRATIONS`, PostgreSQL's
@@ -419,9 +433,15 @@ impl ReplyOutbox {
                 ReplyOutbox::Sqlite(SqliteOutbox::new(store))
             }
             Backend::Postgres => {
-                let store = PgEventStore::connect(db.url())
-                    .await
-                    .map_err(|e| Error::Outbox(e.into()))?;
+                // A relay needs a few connections (a claim, the next claim,
+                // marking published, a NOTIFY); four participants with 32
+                // each would take most of a default server's 100 slots.
+                let store = PgEventStore::connect_with(
+                    db.url(),
+                    PgStoreConfig::default().max_connections(Self::PG_POOL_SIZE),
+                )
+                .await
+                .map_err(|e| Error::Outbox(e.into()))?;
                 ReplyOutbox::Postgres(PgOutbox::new(store))
             }
         };

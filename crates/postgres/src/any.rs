@@ -16,10 +16,11 @@
 //! - `next_attempt_at` is `least(created_at, now())`, as `PgOutbox` sets it;
 //! - it queues `pg_notify('vextrus_outbox', '')` in the transaction, which
 //!   PostgreSQL delivers at commit (and drops on rollback), waking relays
-//!   LISTENing in every process.
+//!   LISTENing in every process;
+//! - all of it (duplicate check, locks, insert, notify) is one statement.
 //!
-//! The `Any` driver binds only plain types, so ids, headers and times are
-//! sent as text and cast in SQL.
+//! The `Any` driver binds only plain types, so the batch is sent as one
+//! JSON array (payloads in hex) and cast in SQL.
 
 use std::collections::HashSet;
 
@@ -58,7 +59,7 @@ pub async fn enqueue(conn: &mut AnyConnection, messages: &[OutboundMessage]) -> 
     }
     let mut rows = Vec::with_capacity(messages.len());
     let mut seen = HashSet::with_capacity(messages.len());
-    for m in messages {
+    for (ord, m) in messages.iter().enumerate() {
         validate_outbound(m)?;
         if !seen.insert(m.id) {
             return Err(OutboxError::DuplicateMessage(m.id));
@@ -69,72 +70,108 @@ pub async fn enqueue(conn: &mut AnyConnection, messages: &[OutboundMessage]) -> 
                 m.id, m.created_at
             ))
         })?;
-        let headers = serde_json::to_string(&m.headers)
+        let headers = serde_json::to_value(&m.headers)
             .map_err(|e| OutboxError::InvalidMessage(format!("message {}: {e}", m.id)))?;
-        // timestamptz keeps microseconds; sqlx's native encoding truncates
-        // to them, and so does this format.
-        let created = m.created_at.to_rfc3339_opts(SecondsFormat::Micros, true);
-        rows.push((m, nanos, headers, created));
+        rows.push(serde_json::json!({
+            "ord": ord,
+            "id": m.id.to_string(),
+            "destination": m.destination,
+            "partition_key": m.partition_key,
+            "payload": hex(&m.payload),
+            "headers": headers,
+            // timestamptz keeps microseconds; sqlx's native encoding
+            // truncates to them, and so does this format.
+            "created_at": m.created_at.to_rfc3339_opts(SecondsFormat::Micros, true),
+            "created_at_ns": nanos,
+        }));
     }
-    let ids: Vec<String> = messages.iter().map(|m| m.id.to_string()).collect();
-    let stored: Option<String> = sqlx::query_scalar(
-        "SELECT id::text FROM vextrus_outbox \
-          WHERE id IN (SELECT x::uuid FROM json_array_elements_text($1::json) AS x) LIMIT 1",
-    )
-    .bind(serde_json::Value::from(ids).to_string())
-    .fetch_optional(&mut *conn)
-    .await
-    .map_err(map_out)?;
-    if let Some(id) = stored {
-        let id = id
-            .parse::<MessageId>()
-            .map_err(|e| OutboxError::InvalidMessage(format!("stored id {id}: {e}")))?;
-        return Err(OutboxError::DuplicateMessage(id));
-    }
-    let keys: Vec<&str> = messages.iter().map(|m| m.partition_key.as_str()).collect();
-    sqlx::query(
-        "SELECT count(*) FROM (
-             SELECT pg_advisory_xact_lock($1, k)
-               FROM (SELECT DISTINCT hashtext(key) AS k
-                       FROM json_array_elements_text($2::json) AS key ORDER BY 1) AS keys
-         ) AS l",
-    )
-    .bind(KEY_LOCK_CLASS)
-    .bind(serde_json::Value::from(keys).to_string())
-    .execute(&mut *conn)
-    .await
-    .map_err(map_out)?;
-    for (m, nanos, headers, created) in rows {
-        let inserted = sqlx::query(
-            "INSERT INTO vextrus_outbox
+    // One statement: the duplicate check, the advisory locks (only when no
+    // id is taken), the insert in batch order and the NOTIFY (delivered at
+    // commit). Before, this was 3 + one INSERT per message + a NOTIFY.
+    let (taken, inserted, race): (Option<String>, i64, Option<String>) = sqlx::query_as(
+        "WITH m AS MATERIALIZED (
+             SELECT * FROM json_to_recordset($1::json) AS m(
+                 ord int, id uuid, destination text, partition_key text, payload text,
+                 headers jsonb, created_at timestamptz, created_at_ns bigint)
+         ),
+         taken AS MATERIALIZED (
+             SELECT m.id FROM m JOIN vextrus_outbox o ON o.id = m.id ORDER BY m.ord LIMIT 1
+         ),
+         locks AS MATERIALIZED (
+             SELECT count(*) AS n FROM (
+                 SELECT pg_advisory_xact_lock($2, k)
+                   FROM (SELECT DISTINCT hashtext(partition_key) AS k FROM m
+                          WHERE NOT EXISTS (SELECT 1 FROM taken) ORDER BY 1) AS keys
+             ) AS l
+         ),
+         ins AS (
+             INSERT INTO vextrus_outbox
                  (id, destination, partition_key, payload, headers, created_at, created_at_ns,
                   next_attempt_at)
-             VALUES ($1::uuid, $2, $3, $4, $5::jsonb, $6::timestamptz, $7,
-                     LEAST($6::timestamptz, now()))
-             ON CONFLICT (id) DO NOTHING",
-        )
-        .bind(m.id.to_string())
-        .bind(m.destination.clone())
-        .bind(m.partition_key.clone())
-        .bind(m.payload.clone())
-        .bind(headers)
-        .bind(created)
-        .bind(nanos)
-        .execute(&mut *conn)
-        .await
-        .map_err(map_out)?
-        .rows_affected();
-        if inserted != 1 {
-            // Committed by a concurrent transaction since the check above.
-            return Err(OutboxError::DuplicateMessage(m.id));
-        }
+             SELECT m.id, m.destination, m.partition_key, decode(m.payload, 'hex'), m.headers,
+                    m.created_at, m.created_at_ns, LEAST(m.created_at, now())
+               FROM locks, m
+              WHERE NOT EXISTS (SELECT 1 FROM taken)
+              ORDER BY m.ord
+             ON CONFLICT (id) DO NOTHING
+             RETURNING id
+         ),
+         notified AS (
+             SELECT pg_notify($3, '') FROM (SELECT 1 FROM ins LIMIT 1) AS any_row
+         )
+         SELECT (SELECT id::text FROM taken),
+                (SELECT count(*) FROM ins) + 0 * (SELECT count(*) FROM notified),
+                (SELECT CASE WHEN count(*) < $4 THEN json_agg(id)::text END FROM ins)",
+    )
+    .bind(serde_json::Value::from(rows).to_string())
+    .bind(KEY_LOCK_CLASS)
+    .bind(OUTBOX_NOTIFY_CHANNEL)
+    .bind(i64::try_from(messages.len()).unwrap_or(i64::MAX))
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(map_out)?;
+    let parse = |id: &str| {
+        id.parse::<MessageId>()
+            .map_err(|e| OutboxError::InvalidMessage(format!("stored id {id}: {e}")))
+    };
+    if let Some(id) = taken {
+        return Err(OutboxError::DuplicateMessage(parse(&id)?));
     }
-    sqlx::query("SELECT pg_notify($1, '')")
-        .bind(OUTBOX_NOTIFY_CHANNEL)
+    if usize::try_from(inserted).ok() != Some(messages.len()) {
+        // An id was committed by a concurrent transaction after the check:
+        // remove what this call inserted, so it writes nothing.
+        let mine: Vec<String> = race
+            .as_deref()
+            .map(serde_json::from_str)
+            .transpose()
+            .map_err(|e| OutboxError::Backend(format!("inserted ids: {e}").into()))?
+            .unwrap_or_default();
+        sqlx::query(
+            "DELETE FROM vextrus_outbox
+              WHERE id IN (SELECT x::uuid FROM json_array_elements_text($1::json) AS x)",
+        )
+        .bind(serde_json::Value::from(mine.clone()).to_string())
         .execute(&mut *conn)
         .await
         .map_err(map_out)?;
+        let id = messages
+            .iter()
+            .find(|m| !mine.contains(&m.id.to_string()))
+            .map_or(messages[0].id, |m| m.id);
+        return Err(OutboxError::DuplicateMessage(id));
+    }
     Ok(())
+}
+
+/// Lower-case hex of `bytes` (payloads travel inside the statement's JSON).
+fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 15)]));
+    }
+    out
 }
 
 /// Records that `consumer` processed message `id`, through `conn` inside

@@ -8,23 +8,27 @@
 //!
 //! Versioned SQL files under `migrations/`, applied by
 //! [`PgEventStore::migrate`] (also `vextrus migrate --database-url ...`):
-//! `vextrus_events` (the global log), `vextrus_streams` (each stream's
-//! version), `vextrus_snapshots`, `vextrus_checkpoints`, and the append
-//! function `vextrus_append`.
+//! `vextrus_events` (the global log; a stream's version is its last
+//! event's), `vextrus_snapshots`, `vextrus_checkpoints`, and the function
+//! `vextrus_append_outcome` that explains an append which wrote nothing.
 //!
 //! ## Appends: one round trip
 //!
-//! An append is one call of a PL/pgSQL function that checks for an
-//! idempotent re-append, checks the expected version while taking the
-//! stream row's lock (`UPDATE ... WHERE version = $expected`, or
-//! `INSERT ... ON CONFLICT DO NOTHING` for a new stream), and inserts the
-//! whole batch from arrays with `unnest`. A unique violation (SQLSTATE 23505)
-//! becomes a typed conflict, never a string match. A single-event pooled
-//! append (without [`NotifyMode::InTransaction`]) skips the function: one
-//! plain statement whose CTE checks and bumps the stream row and whose
-//! `INSERT` takes the new version; only when it writes nothing (the stream
-//! is not at the expected version) does the function run, to classify the
-//! outcome.
+//! An append is one plain statement. Its CTE reads the stream's current
+//! version from the events' own unique `(stream_id, stream_version)` index
+//! (`max(stream_version)`), and it inserts the first event at the next
+//! version only when that version is the one expected, with `ON CONFLICT DO
+//! NOTHING`; a batch's other events follow (from arrays, with `unnest`) only
+//! if the first went in. Two appends racing at one version both read n; one
+//! inserts n + 1, the other's insert meets that row, waits for the winner's
+//! transaction and writes nothing, so versions stay contiguous without a
+//! second row per stream. Only when nothing was written does a function
+//! (`vextrus_append_outcome`) tell a typed conflict (with the actual
+//! version) from an idempotent re-append or a partial duplicate; an `Any`
+//! or `StreamExists` append that merely lost a race tries again. Every path
+//! (pooled single events and batches, [`PgEventStore::append_in_tx`])
+//! follows this one rule. A unique violation (SQLSTATE 23505) becomes a
+//! typed error, never a string match.
 //!
 //! ## The global log never skips an event
 //!
@@ -100,4 +104,4 @@ mod unit_of_work;
 pub use migrate::{MIGRATIONS, Migration};
 pub use outbox::{OUTBOX_MIGRATION, OUTBOX_NOTIFY_CHANNEL, PgOutbox};
 pub use saga::{PgSagaStore, SAGA_MIGRATION};
-pub use store::{NOTIFY_CHANNEL, NotifyMode, PgEventStore, PgStoreConfig};
+pub use store::{NOTIFY_CHANNEL, NOTIFY_COALESCE, NotifyMode, PgEventStore, PgStoreConfig};

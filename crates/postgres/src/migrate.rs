@@ -20,7 +20,8 @@ pub struct Migration {
 
 /// Every migration, in order: the event store (1), then the outbox and
 /// inbox (2, [`OUTBOX_MIGRATION`](crate::OUTBOX_MIGRATION)), the saga tables
-/// (3, [`SAGA_MIGRATION`](crate::SAGA_MIGRATION)).
+/// (3, [`SAGA_MIGRATION`](crate::SAGA_MIGRATION)), and the event store's
+/// stream versions read from its events (5).
 pub const MIGRATIONS: &[Migration] = &[
     Migration {
         version: 1,
@@ -29,6 +30,11 @@ pub const MIGRATIONS: &[Migration] = &[
     },
     crate::outbox::OUTBOX_MIGRATION,
     crate::saga::SAGA_MIGRATION,
+    Migration {
+        version: 5,
+        name: "event_store_versions",
+        sql: include_str!("../migrations/0005_event_store_versions.sql"),
+    },
 ];
 
 /// The advisory lock key the migrator holds (`hashtext('vextrus_migrate')`-like

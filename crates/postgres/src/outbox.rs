@@ -624,6 +624,99 @@ impl OutboxClaimer for PgOutbox {
         Ok(())
     }
 
+    /// One statement (so one transaction and one round trip) for the whole
+    /// batch: the published rows, each failure (as
+    /// [`mark_failed`](OutboxClaimer::mark_failed)) and the releases, on
+    /// disjoint rows. A failed id that matched no pending row is looked up
+    /// afterwards: [`FailureOutcome::Settled`] if it exists, else
+    /// [`OutboxError::NotFound`].
+    async fn settle(
+        &self,
+        worker: &str,
+        published: &[MessageId],
+        failed: &[(MessageId, PublishFailure)],
+        released: &[MessageId],
+    ) -> OutboxResult<Vec<FailureOutcome>> {
+        if published.is_empty() && failed.is_empty() && released.is_empty() {
+            return Ok(Vec::new());
+        }
+        let uuids = |ids: &[MessageId]| ids.iter().map(MessageId::as_uuid).collect::<Vec<_>>();
+        let fail_ids: Vec<uuid::Uuid> = failed.iter().map(|(id, _)| id.as_uuid()).collect();
+        let errors: Vec<&str> = failed.iter().map(|(_, f)| f.error.as_str()).collect();
+        let dead_now: Vec<bool> = failed.iter().map(|(_, f)| f.dead_now).collect();
+        let max_attempts: Vec<i64> = failed
+            .iter()
+            .map(|(_, f)| i64::from(f.max_attempts))
+            .collect();
+        let retry_in: Vec<f64> = failed
+            .iter()
+            .map(|(_, f)| micros(f.retry_in) as f64)
+            .collect();
+        let rows: Vec<(uuid::Uuid, String, i32, DateTime<Utc>)> = sqlx::query_as(
+            "WITH published AS (
+                 UPDATE vextrus_outbox
+                    SET status = 'published', published_at = now(),
+                        claimed_by = NULL, claimed_until = NULL
+                  WHERE id = ANY($1) AND status = 'pending'
+             ),
+             f AS (
+                 SELECT * FROM unnest($2::uuid[], $3::text[], $4::bool[], $5::bigint[],
+                                      $6::float8[]) AS f(id, error, dead_now, max_attempts, retry_in)
+             ),
+             failed AS (
+                 UPDATE vextrus_outbox o
+                    SET attempts = o.attempts + 1,
+                        last_error = f.error,
+                        claimed_by = NULL, claimed_until = NULL,
+                        status = CASE WHEN f.dead_now OR o.attempts + 1 >= f.max_attempts
+                                      THEN 'dead' ELSE 'pending' END,
+                        next_attempt_at = CASE WHEN f.dead_now OR o.attempts + 1 >= f.max_attempts
+                                               THEN o.next_attempt_at
+                                               ELSE now() + make_interval(secs => f.retry_in / 1e6)
+                                          END
+                   FROM f
+                  WHERE o.id = f.id AND o.status = 'pending'
+                  RETURNING o.id, o.status, o.attempts, o.next_attempt_at
+             ),
+             released AS (
+                 UPDATE vextrus_outbox SET claimed_by = NULL, claimed_until = NULL
+                  WHERE id = ANY($8) AND claimed_by = $7
+             )
+             SELECT id, status, attempts, next_attempt_at FROM failed",
+        )
+        .bind(uuids(published))
+        .bind(&fail_ids)
+        .bind(&errors)
+        .bind(&dead_now)
+        .bind(&max_attempts)
+        .bind(&retry_in)
+        .bind(worker)
+        .bind(uuids(released))
+        .fetch_all(self.pool())
+        .await
+        .map_err(map_out)?;
+        let mut outcomes = Vec::with_capacity(failed.len());
+        for (id, _) in failed {
+            let outcome = match rows.iter().find(|r| r.0 == id.as_uuid()) {
+                None if self.exists(*id).await? => FailureOutcome::Settled,
+                None => return Err(OutboxError::NotFound(*id)),
+                Some((_, status, attempts, next_attempt_at)) => {
+                    let attempts = u32::try_from(*attempts).unwrap_or(0);
+                    if status == OutboxStatus::Dead.as_str() {
+                        FailureOutcome::Dead { attempts }
+                    } else {
+                        FailureOutcome::Retrying {
+                            attempts,
+                            next_attempt_at: *next_attempt_at,
+                        }
+                    }
+                }
+            };
+            outcomes.push(outcome);
+        }
+        Ok(outcomes)
+    }
+
     async fn wake_ups(&self) -> OutboxResult<WakeUps> {
         Ok(WakeUps::from_watch(self.wake_receiver()))
     }

@@ -42,10 +42,15 @@ const INSTANCE_COLUMNS: &str = "id, saga_type, version, state, data::text, progr
 ///   timeline entries, and inserts each outgoing command into
 ///   `vextrus_outbox` as [`SagaCommand::to_outbound`] asking for replies on
 ///   `reply_to`; the outbox's relays publish them with its per-key order,
-///   retries and dead letters. A transition costs at most 5 statements in
-///   one transaction (inbox insert, instance update, one multi-row history
-///   insert, one multi-row outbox insert, commit); one that sends nothing
-///   and takes no reply, 3.
+///   retries and dead letters. The inbox insert, the guarded update and the
+///   multi-row history insert are one statement (data-modifying CTEs), so a
+///   transition that sends commands or records a reply is `BEGIN`, that
+///   statement, the outbox enqueue and `COMMIT`; one that does neither is a
+///   single autocommit statement.
+/// - **Replies without a claim of their own.**
+///   [`SagaStore::commit_claiming`] folds the claim into that statement: the
+///   update only matches if the token is still the one read and no live
+///   lease is held, and it increments the token.
 /// - **Clock.** Due times, lease expiries and history times are the
 ///   database's `now()`.
 /// - **Claims.** [`SagaStore::claim_due`] takes due, unleased sagas with
@@ -94,6 +99,179 @@ impl PgSagaStore {
 
     fn pool(&self) -> &sqlx::PgPool {
         self.outbox.pool()
+    }
+
+    /// One transition: the inbox record, the guarded instance update and
+    /// the timeline entries are ONE statement (data-modifying CTEs); with
+    /// commands it runs in a transaction with the outbox insert, otherwise
+    /// (no commands, no reply) it is a single autocommit statement.
+    /// `claiming` (the instance as read): the saga's token must be
+    /// `t.token - 1`, its `updated_at`, state and progress those read, and
+    /// its lease free; the token becomes `t.token` (see
+    /// [`SagaStore::commit_claiming`]).
+    async fn write(
+        &self,
+        t: SagaTransition,
+        claiming: Option<&SagaInstance>,
+    ) -> Result<SagaInstance, SagaError> {
+        let read_progress = claiming
+            .map(|r| serde_json::to_string(&r.progress))
+            .transpose()?;
+        let messages = t
+            .commands
+            .iter()
+            .map(|c| c.to_outbound(&self.reply_to))
+            .collect::<Result<Vec<_>, _>>()?;
+        check_batch(&messages).map_err(outbox_err)?;
+        let events: Vec<String> = t
+            .history
+            .iter()
+            .map(serde_json::to_string)
+            .collect::<Result<_, _>>()?;
+        let (wake_kind, wake_after) = match t.wake {
+            Wake::Now => ("now", 0),
+            Wake::After(d) => ("after", micros(d)),
+            Wake::Never => ("never", 0),
+            Wake::Unchanged => ("unchanged", 0),
+        };
+        let lease_for = match t.lease {
+            LeaseUpdate::Extend(d) => Some(micros(d)),
+            LeaseUpdate::Release => None,
+        };
+        let query = sqlx::query(&WRITE_SQL)
+            .bind(t.saga_id.0)
+            .bind(token_param(t.token))
+            .bind(t.state.as_str())
+            .bind(serde_json::to_string(&t.data)?)
+            .bind(serde_json::to_string(&t.progress)?)
+            .bind(t.last_error.as_deref())
+            .bind(wake_kind)
+            .bind(wake_after)
+            .bind(lease_for)
+            .bind(&t.worker)
+            .bind(i64::try_from(events.len()).unwrap_or(i64::MAX))
+            .bind(&events)
+            .bind(t.inbox_message_id)
+            .bind(claiming.is_some())
+            .bind(claiming.map(|r| r.updated_at))
+            .bind(claiming.map(|r| r.state.as_str()))
+            .bind(read_progress);
+
+        // Without a transaction of its own, a statement that fails writes
+        // nothing; an inbox record with no update can only happen inside
+        // the transaction, which is then dropped (rolled back).
+        let transactional = !messages.is_empty() || t.inbox_message_id.is_some();
+        let mut conn = self.pool().acquire().await.map_err(map_err)?;
+        if !transactional {
+            let row = query.fetch_one(&mut *conn).await.map_err(map_err)?;
+            return match decode_written(&row, &t)? {
+                Some(instance) => Ok(instance),
+                None => Err(write_refused(&mut conn, &t, claiming.is_some()).await),
+            };
+        }
+        let mut tx = conn.begin().await.map_err(map_err)?;
+        let row = query.fetch_one(&mut *tx).await.map_err(map_err)?;
+        let Some(instance) = decode_written(&row, &t)? else {
+            return Err(write_refused(&mut tx, &t, claiming.is_some()).await);
+        };
+        if !messages.is_empty() {
+            enqueue_on(&mut tx, &messages).await.map_err(outbox_err)?;
+        }
+        tx.commit().await.map_err(map_err)?;
+        if !messages.is_empty() {
+            self.outbox.notify_relays();
+        }
+        Ok(instance)
+    }
+}
+
+/// The statement of [`PgSagaStore::write`]: `$13` the reply's message id
+/// (recorded first; if it was already there nothing else is written),
+/// `$14` whether the write claims the saga.
+static WRITE_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "WITH ins AS (
+             INSERT INTO vextrus_saga_inbox (message_id, saga_id)
+             SELECT $13::uuid, $1 WHERE $13::uuid IS NOT NULL
+             ON CONFLICT (message_id) DO NOTHING
+             RETURNING 1
+         ), u AS (
+             UPDATE vextrus_sagas
+                SET state = $3, data = $4::jsonb, progress = $5::jsonb, last_error = $6,
+                    updated_at = now(),
+                    due_at = CASE $7 WHEN 'now' THEN now()
+                                     WHEN 'after' THEN now() + $8 * interval '1 microsecond'
+                                     WHEN 'never' THEN NULL
+                                     ELSE due_at END,
+                    lease_owner = CASE WHEN $9::bigint IS NULL THEN NULL ELSE $10 END,
+                    lease_expires_at = CASE WHEN $9::bigint IS NULL THEN NULL
+                                            ELSE now() + $9 * interval '1 microsecond' END,
+                    history_seq = history_seq + $11,
+                    fencing_token = $2
+              WHERE id = $1
+                AND ($13::uuid IS NULL OR EXISTS (SELECT 1 FROM ins))
+                AND CASE WHEN $14::boolean
+                         THEN fencing_token = $2 - 1
+                              AND (lease_expires_at IS NULL OR lease_expires_at <= now())
+                              AND updated_at = $15 AND state = $16 AND progress = $17::jsonb
+                         ELSE fencing_token = $2 END
+             RETURNING *
+         ), h AS (
+             INSERT INTO vextrus_saga_history (saga_id, seq, at, worker, event)
+             SELECT u.id, u.history_seq - $11 + e.ord, now(), $10, e.event::jsonb
+               FROM u, unnest($12::text[]) WITH ORDINALITY AS e(event, ord)
+         )
+         SELECT {INSTANCE_COLUMNS}, (SELECT count(*) FROM ins) AS recorded
+           FROM (SELECT 1) AS one LEFT JOIN u ON true"
+    )
+});
+
+/// The instance a write returned, or `None` if it wrote nothing. Fails with
+/// [`SagaError::DuplicateMessage`] if the transition's reply was recorded
+/// before.
+fn decode_written(row: &PgRow, t: &SagaTransition) -> Result<Option<SagaInstance>, SagaError> {
+    let recorded: i64 = row.try_get(13).map_err(map_err)?;
+    if let Some(m) = t.inbox_message_id
+        && recorded == 0
+    {
+        return Err(SagaError::DuplicateMessage(m));
+    }
+    let id: Option<Uuid> = row.try_get(0).map_err(map_err)?;
+    match id {
+        Some(_) => decode_instance(row).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// Why a write matched no row: the saga is missing, the token is stale, or
+/// (claiming) a live lease is held.
+async fn write_refused(conn: &mut PgConnection, t: &SagaTransition, claiming: bool) -> SagaError {
+    if !claiming {
+        return fenced_or_missing(conn, t.saga_id, t.token).await;
+    }
+    let current: Result<Option<(i64, Option<String>)>, _> =
+        sqlx::query_as("SELECT fencing_token, lease_owner FROM vextrus_sagas WHERE id = $1")
+            .bind(t.saga_id.0)
+            .fetch_optional(&mut *conn)
+            .await;
+    match current {
+        Ok(Some((current, owner))) => {
+            let current = u64::try_from(current).unwrap_or(0);
+            if current + 1 == t.token && owner.is_some() {
+                SagaError::Leased {
+                    saga_id: t.saga_id,
+                    owner: owner.unwrap_or_default(),
+                }
+            } else {
+                SagaError::Fenced {
+                    saga_id: t.saga_id,
+                    token: t.token.saturating_sub(1),
+                    current,
+                }
+            }
+        }
+        Ok(None) => SagaError::NotFound(t.saga_id),
+        Err(e) => map_err(e),
     }
 }
 
@@ -356,102 +534,16 @@ impl SagaStore for PgSagaStore {
     }
 
     async fn commit(&self, t: SagaTransition) -> Result<SagaInstance, SagaError> {
-        let messages = t
-            .commands
-            .iter()
-            .map(|c| c.to_outbound(&self.reply_to))
-            .collect::<Result<Vec<_>, _>>()?;
-        check_batch(&messages).map_err(outbox_err)?;
-        let events: Vec<String> = t
-            .history
-            .iter()
-            .map(serde_json::to_string)
-            .collect::<Result<_, _>>()?;
-        let (wake_kind, wake_after) = match t.wake {
-            Wake::Now => ("now", 0),
-            Wake::After(d) => ("after", micros(d)),
-            Wake::Never => ("never", 0),
-            Wake::Unchanged => ("unchanged", 0),
-        };
-        let lease_for = match t.lease {
-            LeaseUpdate::Extend(d) => Some(micros(d)),
-            LeaseUpdate::Release => None,
-        };
+        self.write(t, None).await
+    }
 
-        let mut conn = self.pool().acquire().await.map_err(map_err)?;
-        let mut tx = conn.begin().await.map_err(map_err)?;
-        if let Some(m) = t.inbox_message_id {
-            let recorded = sqlx::query(
-                "INSERT INTO vextrus_saga_inbox (message_id, saga_id) VALUES ($1, $2)
-                 ON CONFLICT (message_id) DO NOTHING",
-            )
-            .bind(m)
-            .bind(t.saga_id.0)
-            .execute(&mut *tx)
-            .await
-            .map_err(map_err)?;
-            if recorded.rows_affected() == 0 {
-                return Err(SagaError::DuplicateMessage(m));
-            }
-        }
-        let row = sqlx::query(&format!(
-            "UPDATE vextrus_sagas
-                SET state = $3, data = $4::jsonb, progress = $5::jsonb, last_error = $6,
-                    updated_at = now(),
-                    due_at = CASE $7 WHEN 'now' THEN now()
-                                     WHEN 'after' THEN now() + $8 * interval '1 microsecond'
-                                     WHEN 'never' THEN NULL
-                                     ELSE due_at END,
-                    lease_owner = CASE WHEN $9::bigint IS NULL THEN NULL ELSE $10 END,
-                    lease_expires_at = CASE WHEN $9::bigint IS NULL THEN NULL
-                                            ELSE now() + $9 * interval '1 microsecond' END,
-                    history_seq = history_seq + $11
-              WHERE id = $1 AND fencing_token = $2
-             RETURNING {INSTANCE_COLUMNS}, history_seq"
-        ))
-        .bind(t.saga_id.0)
-        .bind(token_param(t.token))
-        .bind(t.state.as_str())
-        .bind(serde_json::to_string(&t.data)?)
-        .bind(serde_json::to_string(&t.progress)?)
-        .bind(t.last_error.as_deref())
-        .bind(wake_kind)
-        .bind(wake_after)
-        .bind(lease_for)
-        .bind(&t.worker)
-        .bind(i64::try_from(events.len()).unwrap_or(i64::MAX))
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(map_err)?;
-        let Some(row) = row else {
-            let err = fenced_or_missing(&mut tx, t.saga_id, t.token).await;
-            return Err(err);
-        };
-        let instance = decode_instance(&row)?;
-        if !events.is_empty() {
-            let last: i64 = row.try_get(13).map_err(map_err)?;
-            let first = last - i64::try_from(events.len()).unwrap_or(0) + 1;
-            sqlx::query(
-                "INSERT INTO vextrus_saga_history (saga_id, seq, at, worker, event)
-                 SELECT $1, $2 + e.ord - 1, now(), $3, e.event::jsonb
-                   FROM unnest($4::text[]) WITH ORDINALITY AS e(event, ord)",
-            )
-            .bind(t.saga_id.0)
-            .bind(first)
-            .bind(&t.worker)
-            .bind(&events)
-            .execute(&mut *tx)
-            .await
-            .map_err(map_err)?;
-        }
-        if !messages.is_empty() {
-            enqueue_on(&mut tx, &messages).await.map_err(outbox_err)?;
-        }
-        tx.commit().await.map_err(map_err)?;
-        if !messages.is_empty() {
-            self.outbox.notify_relays();
-        }
-        Ok(instance)
+    async fn commit_claiming(
+        &self,
+        t: SagaTransition,
+        read: &SagaInstance,
+        _lease: Duration,
+    ) -> Result<SagaInstance, SagaError> {
+        self.write(t, Some(read)).await
     }
 
     async fn release(&self, id: SagaId, token: u64) -> Result<(), SagaError> {

@@ -20,6 +20,12 @@ use crate::error::{EVENT_ID_KEY, map_sqlx, unique_violation};
 /// The LISTEN/NOTIFY channel appends notify on.
 pub const NOTIFY_CHANNEL: &str = "vextrus_events";
 
+/// The shortest interval between two wake-ups that
+/// [`NotifyMode::AfterCommit`] (and [`PgEventStore::notify_subscribers`])
+/// send: appends committing within it share one `NOTIFY`, which is a
+/// transaction of its own.
+pub const NOTIFY_COALESCE: Duration = Duration::from_millis(5);
+
 /// How appends wake subscribers that LISTEN on [`NOTIFY_CHANNEL`].
 ///
 /// Subscribers also poll, so every mode is correct; the modes differ in
@@ -32,7 +38,8 @@ pub enum NotifyMode {
     /// notified (they hold a database-wide lock until their commit is
     /// flushed), so notifying inside every append would serialize all
     /// appenders; this keeps appends concurrent and wakes subscribers
-    /// within about one commit. Appends through
+    /// within about one commit plus [`NOTIFY_COALESCE`] (the background
+    /// task sends at most one wake-up per that interval). Appends through
     /// [`PgEventStore::append_in_tx`] do not notify: call
     /// [`PgEventStore::notify_subscribers`] after committing.
     AfterCommit,
@@ -256,11 +263,15 @@ impl PgEventStore {
     /// visible to others until the caller commits; the caller's rollback
     /// undoes the append.
     ///
-    /// Same contract as [`vextrus_core::EventAppender::append_to_stream`].
-    /// A version conflict or an idempotent re-append leaves `tx` usable. A
-    /// race in which another transaction stores one of the batch's event ids
-    /// in another stream at the same moment aborts `tx` (the unique
-    /// violation) and gives [`EventStoreError::PartialDuplicate`].
+    /// Same contract as [`vextrus_core::EventAppender::append_to_stream`],
+    /// and the same rule as a pooled append (see the crate docs): the
+    /// expected version is checked against the events' own
+    /// `(stream_id, stream_version)` key. A version conflict or an
+    /// idempotent re-append leaves `tx` usable. A race in which another
+    /// transaction stores one of a multi-event batch's later event ids at the
+    /// same moment aborts `tx` (the unique violation) and gives
+    /// [`EventStoreError::PartialDuplicate`]. With
+    /// [`NotifyMode::InTransaction`] the append also notifies inside `tx`.
     pub async fn append_in_tx(
         &self,
         tx: &mut Transaction<'_, Postgres>,
@@ -269,17 +280,10 @@ impl PgEventStore {
         events: &[NewEvent],
     ) -> Result<AppendResult> {
         let args = AppendArgs::new(events, self.config.max_payload_bytes)?;
-        match self.call_append(tx, stream_id, expected, &args, true).await {
-            Err(AppendFailure::EventIdTaken) => Err(EventStoreError::PartialDuplicate {
-                stream_id: stream_id.clone(),
-                event_id: events[0].event_id,
-            }),
-            Err(AppendFailure::Store(e)) => Err(e),
-            Ok(r) => Ok(r),
-        }
+        self.append_on(tx, stream_id, expected, &args, true).await
     }
 
-    /// Appends on a pooled connection, as one statement (its own transaction).
+    /// Appends on a pooled connection: one statement, its own transaction.
     pub(crate) async fn append_pooled(
         &self,
         stream_id: &StreamId,
@@ -288,56 +292,87 @@ impl PgEventStore {
     ) -> Result<AppendResult> {
         let args = AppendArgs::new(events, self.config.max_payload_bytes)?;
         let mut conn = self.pool.acquire().await.map_err(map_sqlx)?;
-        let first = if args.ids.len() == 1 && self.config.notify != NotifyMode::InTransaction {
-            // The common case, one event: one plain statement. When it
-            // appends nothing (a version conflict, or the stream's state is
-            // not what was expected), the function classifies the outcome.
-            match self
-                .append_single(&mut conn, stream_id, expected, &args)
-                .await
-            {
-                Ok(Some(r)) => Ok(r),
-                Ok(None) => {
-                    self.call_append(&mut conn, stream_id, expected, &args, false)
-                        .await
-                }
-                Err(e) => Err(e),
-            }
-        } else {
-            self.call_append(&mut conn, stream_id, expected, &args, false)
-                .await
-        };
-        let result = match first {
-            // One of these ids is stored already (a re-append, an id used in
-            // another stream, or a concurrent append that has committed
-            // now): asking again with the check classifies the batch as a
-            // re-append, a conflict or a partial duplicate.
-            Err(AppendFailure::EventIdTaken) => {
-                match self
-                    .call_append(&mut conn, stream_id, expected, &args, true)
-                    .await
-                {
-                    Err(AppendFailure::EventIdTaken) => Err(EventStoreError::PartialDuplicate {
-                        stream_id: stream_id.clone(),
-                        event_id: events[0].event_id,
-                    }),
-                    Err(AppendFailure::Store(e)) => Err(e),
-                    Ok(r) => Ok(r),
-                }
-            }
-            Err(AppendFailure::Store(e)) => Err(e),
-            Ok(r) => Ok(r),
-        };
+        let result = self
+            .append_on(&mut conn, stream_id, expected, &args, false)
+            .await?;
         drop(conn);
-        if result.is_ok() && self.config.notify == NotifyMode::AfterCommit {
+        if self.config.notify == NotifyMode::AfterCommit {
             self.notify_subscribers();
         }
-        result
+        Ok(result)
+    }
+
+    /// The append rule, shared by every path: insert the batch at the
+    /// stream's current version + 1 if that version is the expected one
+    /// (the events' unique `(stream_id, stream_version)` key settles a race);
+    /// when nothing was written, ask why (a conflict, an idempotent
+    /// re-append, a partial duplicate, or a lost race that another try may
+    /// win). `in_tx`: `conn` is inside a transaction that a failed statement
+    /// would abort, so a batch checks for stored ids first.
+    async fn append_on(
+        &self,
+        conn: &mut PgConnection,
+        stream_id: &StreamId,
+        expected: ExpectedVersion,
+        args: &AppendArgs,
+        in_tx: bool,
+    ) -> Result<AppendResult> {
+        let code = expected_code(expected);
+        let notify = self.config.notify == NotifyMode::InTransaction;
+        let mut lost = 0u32;
+        loop {
+            let inserted = if args.ids.len() == 1 {
+                insert_single(&mut *conn, stream_id, expected, args, notify).await
+            } else {
+                insert_batch(&mut *conn, stream_id, expected, args, in_tx, notify).await
+            };
+            match inserted {
+                Ok(Some(r)) => return Ok(r),
+                // Nothing written: classified below.
+                Ok(None) => {}
+                // A later id of the batch was stored by a transaction that
+                // has committed by now. Pooled: the statement alone failed,
+                // classify. In a caller's transaction: it is aborted.
+                Err(AppendFailure::EventIdTaken) if !in_tx => {}
+                Err(AppendFailure::EventIdTaken) => {
+                    return Err(EventStoreError::PartialDuplicate {
+                        stream_id: stream_id.clone(),
+                        event_id: args.first_id,
+                    });
+                }
+                Err(AppendFailure::Store(e)) => return Err(e),
+            }
+            match append_outcome(&mut *conn, stream_id, expected, code, args).await? {
+                Some(r) => return Ok(r),
+                None => {
+                    // Lost a race that the expectation still allows (two
+                    // `Any` appends took the same version): try again, after
+                    // the first few losses with a short random pause so that
+                    // one writer cannot starve behind a stream of winners.
+                    lost += 1;
+                    if lost >= MAX_LOST_RACES {
+                        return Err(EventStoreError::unavailable(format!(
+                            "append to {stream_id} lost {lost} races for the stream's next \
+                             version to concurrent appends"
+                        )));
+                    }
+                    if lost > 2 {
+                        let cap = u64::from(lost.min(20)) * 500;
+                        let us = std::hash::BuildHasher::hash_one(
+                            &std::collections::hash_map::RandomState::new(),
+                            lost,
+                        ) % cap;
+                        tokio::time::sleep(Duration::from_micros(us)).await;
+                    }
+                }
+            }
+        }
     }
 
     /// Wakes subscribers LISTENing on [`NOTIFY_CHANNEL`] (in every process):
     /// sends one `pg_notify` from a background task, sharing it with any
-    /// other wake-up requested while one is in flight. Pooled appends do this
+    /// other wake-up requested while one is in flight or within
+    /// [`NOTIFY_COALESCE`] of the last one. Pooled appends do this
     /// themselves under [`NotifyMode::AfterCommit`]; call it after
     /// committing a transaction that appended with
     /// [`PgEventStore::append_in_tx`]. Without it subscribers still see the
@@ -355,129 +390,15 @@ impl PgEventStore {
                     {
                         tracing::debug!(error = %err, "vextrus: NOTIFY failed; subscribers poll");
                     }
+                    // Appends that commit in the next few milliseconds share
+                    // the next wake-up (one NOTIFY is a commit of its own).
+                    tokio::time::sleep(NOTIFY_COALESCE).await;
                 }
             });
             tx
         });
         // Full: a wake-up is already pending and will cover this commit.
         let _ = tx.try_send(());
-    }
-
-    /// Appends a single event as one plain statement (no function call, no
-    /// arrays): the stream row's version check and update in a CTE, the
-    /// insert from its result. `None`: the stream row did not match the
-    /// expectation, nothing was written.
-    async fn append_single(
-        &self,
-        conn: &mut PgConnection,
-        stream_id: &StreamId,
-        expected: ExpectedVersion,
-        args: &AppendArgs,
-    ) -> std::result::Result<Option<AppendResult>, AppendFailure> {
-        let (sql, version) = match expected {
-            ExpectedVersion::Exact(0) | ExpectedVersion::NoStream => (APPEND_SINGLE_NEW, None),
-            ExpectedVersion::Any => (APPEND_SINGLE_ANY, None),
-            ExpectedVersion::StreamExists => (APPEND_SINGLE_EXISTS, None),
-            ExpectedVersion::Exact(n) => (APPEND_SINGLE_EXACT, Some(to_i64(n))),
-        };
-        let query = sqlx::query(sql)
-            .bind(stream_id.as_str())
-            .bind(args.ids[0])
-            .bind(&args.types[0])
-            .bind(args.schema_versions[0])
-            .bind(&args.payloads[0])
-            .bind(&args.metadata[0]);
-        let query = match version {
-            Some(v) => query.bind(v),
-            None => query,
-        };
-        let row = query
-            .fetch_optional(conn)
-            .await
-            .map_err(|e| append_error(e, stream_id, expected))?;
-        let Some(row) = row else { return Ok(None) };
-        let get = |e: sqlx::Error| AppendFailure::Store(map_sqlx(e));
-        let position: i64 = row.try_get(0).map_err(get)?;
-        let commit: i64 = row.try_get(1).map_err(get)?;
-        let version: i64 = row.try_get(2).map_err(get)?;
-        let at = GlobalPosition::new(to_u64(commit), to_u64(position));
-        Ok(Some(AppendResult {
-            first_version: to_u64(version),
-            last_version: to_u64(version),
-            first_position: at,
-            last_position: at,
-        }))
-    }
-
-    async fn call_append(
-        &self,
-        conn: &mut PgConnection,
-        stream_id: &StreamId,
-        expected: ExpectedVersion,
-        args: &AppendArgs,
-        check_ids: bool,
-    ) -> std::result::Result<AppendResult, AppendFailure> {
-        let expected_code: i64 = match expected {
-            ExpectedVersion::Any => -1,
-            ExpectedVersion::NoStream => -2,
-            ExpectedVersion::StreamExists => -3,
-            ExpectedVersion::Exact(n) => i64::try_from(n).unwrap_or(i64::MAX),
-        };
-        let row = sqlx::query(
-            "SELECT outcome, stream_version, first_position, first_commit, last_position, \
-             last_commit, conflict_event_id \
-             FROM vextrus_append($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-        )
-        .bind(stream_id.as_str())
-        .bind(expected_code)
-        .bind(&args.ids)
-        .bind(&args.types)
-        .bind(&args.schema_versions)
-        .bind(&args.payloads)
-        .bind(&args.metadata)
-        .bind(self.config.notify == NotifyMode::InTransaction)
-        .bind(check_ids)
-        .fetch_one(conn)
-        .await
-        .map_err(|e| append_error(e, stream_id, expected))?;
-        let get = |e: sqlx::Error| AppendFailure::Store(map_sqlx(e));
-        let outcome: i16 = row.try_get(0).map_err(get)?;
-        let version: Option<i64> = row.try_get(1).map_err(get)?;
-        match outcome {
-            0 | 2 => {
-                let n = args.ids.len() as u64;
-                let last_version = to_u64(version.unwrap_or_default());
-                let pos =
-                    |p: usize, c: usize| -> std::result::Result<GlobalPosition, AppendFailure> {
-                        let position: Option<i64> = row.try_get(p).map_err(get)?;
-                        let commit: Option<i64> = row.try_get(c).map_err(get)?;
-                        Ok(GlobalPosition::new(
-                            to_u64(commit.unwrap_or_default()),
-                            to_u64(position.unwrap_or_default()),
-                        ))
-                    };
-                Ok(AppendResult {
-                    first_version: last_version + 1 - n,
-                    last_version,
-                    first_position: pos(2, 3)?,
-                    last_position: pos(4, 5)?,
-                })
-            }
-            1 => Err(AppendFailure::Store(
-                EventStoreError::WrongExpectedVersion {
-                    stream_id: stream_id.clone(),
-                    expected,
-                    actual: version.map(to_u64),
-                },
-            )),
-            _ => {
-                let id: Option<Uuid> = row.try_get(6).map_err(get)?;
-                Err(AppendFailure::Store(EventStoreError::PartialDuplicate {
-                    stream_id: stream_id.clone(),
-                    event_id: id.map_or(args.first_id, EventId::from),
-                }))
-            }
-        }
     }
 
     /// One page of a stream read.
@@ -799,6 +720,22 @@ struct Horizon {
 /// held its horizon.
 const HORIZON_RETRIES: u32 = 5;
 
+/// How many times an append that lost a race for its stream's next version
+/// (while its expectation still held) tries again before giving up with
+/// [`EventStoreError::Unavailable`].
+const MAX_LOST_RACES: u32 = 100;
+
+/// The expected version as the append statements take it: `-1` any, `-3`
+/// stream exists, otherwise the exact version (`0`: no stream).
+fn expected_code(expected: ExpectedVersion) -> i64 {
+    match expected {
+        ExpectedVersion::Any => -1,
+        ExpectedVersion::StreamExists => -3,
+        ExpectedVersion::NoStream => 0,
+        ExpectedVersion::Exact(n) => to_i64(n),
+    }
+}
+
 /// Types a failed append statement: the unique violation of `event_id` (a
 /// concurrent transaction stored one of the ids) is told apart.
 fn append_error(e: sqlx::Error, stream_id: &StreamId, expected: ExpectedVersion) -> AppendFailure {
@@ -813,43 +750,243 @@ fn append_error(e: sqlx::Error, stream_id: &StreamId, expected: ExpectedVersion)
     }
 }
 
-/// A single-event append: `$1` stream, `$2`..`$6` the event's id, type,
-/// schema version, payload and metadata, `$7` the expected version (exact
-/// expectations only); the version CTE `v` checks and bumps the stream row.
-macro_rules! append_single_sql {
-    ($version:literal) => {
+/// The stream's current version, from its events (0: no stream), for the
+/// append statements' `cur` CTE; `$1` is the stream.
+macro_rules! current_version_cte {
+    () => {
+        "cur AS (SELECT coalesce(max(e.stream_version), 0) AS v \
+         FROM vextrus_events e WHERE e.stream_id = $1)"
+    };
+}
+
+/// Whether `cur.v` meets the expectation `$7` (see [`expected_code`]).
+macro_rules! expectation_met {
+    () => {
+        "CASE WHEN $7 = -1 THEN true WHEN $7 = -3 THEN cur.v > 0 ELSE cur.v = $7 END"
+    };
+}
+
+/// A single-event insert: `$1` stream, `$2`..`$6` the event's id, type,
+/// schema version, payload and metadata, `$7` the expectation. Inserts at
+/// the current version + 1 when the expectation holds; `ON CONFLICT DO
+/// NOTHING` makes a concurrent append of that version (or a stored event id)
+/// a clean "nothing written" instead of an error.
+macro_rules! single_insert {
+    () => {
         concat!(
-            "WITH v AS (",
-            $version,
-            ") INSERT INTO vextrus_events \
+            "INSERT INTO vextrus_events \
              (stream_id, stream_version, event_id, event_type, schema_version, payload, metadata) \
-             SELECT $1, v.version, $2, $3, $4, $5, $6 FROM v \
-             RETURNING position, transaction_id::text::bigint, stream_version"
+             SELECT $1, cur.v + 1, $2, $3, $4, $5, $6 FROM cur WHERE ",
+            expectation_met!(),
+            " ON CONFLICT DO NOTHING"
         )
     };
 }
 
-/// A single event on a stream that must not exist.
-const APPEND_SINGLE_NEW: &str = append_single_sql!(
-    "INSERT INTO vextrus_streams (stream_id, version) VALUES ($1, 1) \
-     ON CONFLICT (stream_id) DO NOTHING RETURNING version"
-);
-/// A single event at any version.
-const APPEND_SINGLE_ANY: &str = append_single_sql!(
-    "INSERT INTO vextrus_streams AS s (stream_id, version) VALUES ($1, 1) \
-     ON CONFLICT (stream_id) DO UPDATE SET version = s.version + 1 RETURNING s.version"
-);
-/// A single event on a stream that must exist.
-const APPEND_SINGLE_EXISTS: &str = append_single_sql!(
-    "UPDATE vextrus_streams SET version = version + 1 WHERE stream_id = $1 RETURNING version"
-);
-/// A single event at an exact expected version (`$7`).
-const APPEND_SINGLE_EXACT: &str = append_single_sql!(
-    "UPDATE vextrus_streams SET version = version + 1 \
-     WHERE stream_id = $1 AND version = $7 RETURNING version"
+/// A single event (see [`single_insert`]).
+const APPEND_SINGLE: &str = concat!(
+    "WITH ",
+    current_version_cte!(),
+    " ",
+    single_insert!(),
+    " RETURNING position, transaction_id::text::bigint, stream_version"
 );
 
-/// Why a call of the append function failed.
+/// A single event that also notifies [`NOTIFY_CHANNEL`] in its transaction
+/// when it wrote ([`NotifyMode::InTransaction`]).
+const APPEND_SINGLE_NOTIFY: &str = concat!(
+    "WITH ",
+    current_version_cte!(),
+    ", ins AS (",
+    single_insert!(),
+    " RETURNING position, transaction_id, stream_version) \
+     SELECT ins.position, ins.transaction_id::text::bigint, ins.stream_version, \
+     (SELECT true FROM pg_notify('vextrus_events', '') WHERE ins.position IS NOT NULL) \
+     FROM ins"
+);
+
+/// A batch append up to its result columns: `$1` stream, `$2`..`$6` the
+/// events' columns as arrays, `$7` the expectation, `$8` whether to check
+/// first that none of the ids is stored. The first event goes in as a
+/// single event's does and claims the version after the current one; the
+/// rest follow only if it went in (no other append can hold their versions:
+/// it would have had to claim the first one).
+macro_rules! batch_insert {
+    () => {
+        concat!(
+            "WITH ",
+            current_version_cte!(),
+            ", first AS ( \
+                INSERT INTO vextrus_events \
+                (stream_id, stream_version, event_id, event_type, schema_version, payload, metadata) \
+                SELECT $1, cur.v + 1, $2[1], $3[1], $4[1], $5[1], $6[1] FROM cur WHERE ",
+            expectation_met!(),
+            "   AND NOT ($8 AND EXISTS (SELECT 1 FROM vextrus_events x WHERE x.event_id = ANY ($2))) \
+                ON CONFLICT DO NOTHING \
+                RETURNING position, transaction_id, stream_version), \
+             rest AS ( \
+                INSERT INTO vextrus_events \
+                (stream_id, stream_version, event_id, event_type, schema_version, payload, metadata) \
+                SELECT $1, first.stream_version + b.ord - 1, b.id, b.t, b.sv, b.p, b.m \
+                FROM first, unnest($2, $3, $4, $5, $6) WITH ORDINALITY AS b(id, t, sv, p, m, ord) \
+                WHERE b.ord > 1 \
+                ORDER BY b.ord \
+                RETURNING position) \
+             SELECT first.position, first.transaction_id::text::bigint, first.stream_version, \
+                    (SELECT max(rest.position) FROM rest)"
+        )
+    };
+}
+
+/// A batch (see [`batch_insert`]).
+const APPEND_BATCH: &str = concat!(batch_insert!(), " FROM first");
+
+/// A batch that also notifies in its transaction when it wrote.
+const APPEND_BATCH_NOTIFY: &str = concat!(
+    batch_insert!(),
+    ", (SELECT true FROM pg_notify('vextrus_events', '') WHERE first.position IS NOT NULL) \
+     FROM first"
+);
+
+/// Inserts a single event (see [`APPEND_SINGLE`]); `None`: nothing written.
+async fn insert_single(
+    conn: &mut PgConnection,
+    stream_id: &StreamId,
+    expected: ExpectedVersion,
+    args: &AppendArgs,
+    notify: bool,
+) -> std::result::Result<Option<AppendResult>, AppendFailure> {
+    let sql = if notify {
+        APPEND_SINGLE_NOTIFY
+    } else {
+        APPEND_SINGLE
+    };
+    let row = sqlx::query(sql)
+        .bind(stream_id.as_str())
+        .bind(args.ids[0])
+        .bind(&args.types[0])
+        .bind(args.schema_versions[0])
+        .bind(&args.payloads[0])
+        .bind(&args.metadata[0])
+        .bind(expected_code(expected))
+        .fetch_optional(conn)
+        .await
+        .map_err(|e| append_error(e, stream_id, expected))?;
+    let Some(row) = row else { return Ok(None) };
+    let get = |e: sqlx::Error| AppendFailure::Store(map_sqlx(e));
+    let position: i64 = row.try_get(0).map_err(get)?;
+    let commit: i64 = row.try_get(1).map_err(get)?;
+    let version: i64 = row.try_get(2).map_err(get)?;
+    let at = GlobalPosition::new(to_u64(commit), to_u64(position));
+    Ok(Some(AppendResult {
+        first_version: to_u64(version),
+        last_version: to_u64(version),
+        first_position: at,
+        last_position: at,
+    }))
+}
+
+/// Inserts a batch (see [`APPEND_BATCH`]); `None`: nothing written.
+async fn insert_batch(
+    conn: &mut PgConnection,
+    stream_id: &StreamId,
+    expected: ExpectedVersion,
+    args: &AppendArgs,
+    check_ids: bool,
+    notify: bool,
+) -> std::result::Result<Option<AppendResult>, AppendFailure> {
+    let sql = if notify {
+        APPEND_BATCH_NOTIFY
+    } else {
+        APPEND_BATCH
+    };
+    let row = sqlx::query(sql)
+        .bind(stream_id.as_str())
+        .bind(&args.ids)
+        .bind(&args.types)
+        .bind(&args.schema_versions)
+        .bind(&args.payloads)
+        .bind(&args.metadata)
+        .bind(expected_code(expected))
+        .bind(check_ids)
+        .fetch_optional(conn)
+        .await
+        .map_err(|e| append_error(e, stream_id, expected))?;
+    let Some(row) = row else { return Ok(None) };
+    let get = |e: sqlx::Error| AppendFailure::Store(map_sqlx(e));
+    let first: i64 = row.try_get(0).map_err(get)?;
+    let commit: i64 = row.try_get(1).map_err(get)?;
+    let version: i64 = row.try_get(2).map_err(get)?;
+    let last: Option<i64> = row.try_get(3).map_err(get)?;
+    let n = args.ids.len() as u64;
+    let commit = to_u64(commit);
+    Ok(Some(AppendResult {
+        first_version: to_u64(version),
+        last_version: to_u64(version) + n - 1,
+        first_position: GlobalPosition::new(commit, to_u64(first)),
+        last_position: GlobalPosition::new(commit, to_u64(last.unwrap_or(first))),
+    }))
+}
+
+/// Why an append wrote nothing (`vextrus_append_outcome`): the typed
+/// conflict or partial duplicate, the original result of an idempotent
+/// re-append, or `None` when the expectation still holds (a lost race: try
+/// again).
+async fn append_outcome(
+    conn: &mut PgConnection,
+    stream_id: &StreamId,
+    expected: ExpectedVersion,
+    code: i64,
+    args: &AppendArgs,
+) -> Result<Option<AppendResult>> {
+    let row = sqlx::query(
+        "SELECT outcome, stream_version, first_position, first_commit, last_position, \
+         last_commit, conflict_event_id FROM vextrus_append_outcome($1, $2, $3)",
+    )
+    .bind(stream_id.as_str())
+    .bind(code)
+    .bind(&args.ids)
+    .fetch_one(conn)
+    .await
+    .map_err(map_sqlx)?;
+    let outcome: i16 = row.try_get(0).map_err(map_sqlx)?;
+    let version: Option<i64> = row.try_get(1).map_err(map_sqlx)?;
+    match outcome {
+        2 => {
+            let n = args.ids.len() as u64;
+            let last_version = to_u64(version.unwrap_or_default());
+            let pos = |p: usize, c: usize| -> Result<GlobalPosition> {
+                let position: Option<i64> = row.try_get(p).map_err(map_sqlx)?;
+                let commit: Option<i64> = row.try_get(c).map_err(map_sqlx)?;
+                Ok(GlobalPosition::new(
+                    to_u64(commit.unwrap_or_default()),
+                    to_u64(position.unwrap_or_default()),
+                ))
+            };
+            Ok(Some(AppendResult {
+                first_version: last_version + 1 - n,
+                last_version,
+                first_position: pos(2, 3)?,
+                last_position: pos(4, 5)?,
+            }))
+        }
+        1 => Err(EventStoreError::WrongExpectedVersion {
+            stream_id: stream_id.clone(),
+            expected,
+            actual: version.map(to_u64),
+        }),
+        3 => {
+            let id: Option<Uuid> = row.try_get(6).map_err(map_sqlx)?;
+            Err(EventStoreError::PartialDuplicate {
+                stream_id: stream_id.clone(),
+                event_id: id.map_or(args.first_id, EventId::from),
+            })
+        }
+        _ => Ok(None),
+    }
+}
+
+/// Why an append statement failed.
 enum AppendFailure {
     /// A concurrent transaction stored one of the batch's event ids (unique violation).
     EventIdTaken,
@@ -1029,12 +1166,14 @@ impl EventReader for PgEventStore {
     }
 
     async fn stream_version(&self, stream_id: &StreamId) -> Result<Option<u64>> {
-        let v: Option<i64> =
-            sqlx::query_scalar("SELECT version FROM vextrus_streams WHERE stream_id = $1")
-                .bind(stream_id.as_str())
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(map_sqlx)?;
+        // The same rule as appends: the stream's version is its last event's.
+        let v: Option<i64> = sqlx::query_scalar(
+            "SELECT max(e.stream_version) FROM vextrus_events e WHERE e.stream_id = $1",
+        )
+        .bind(stream_id.as_str())
+        .fetch_one(&self.pool)
+        .await
+        .map_err(map_sqlx)?;
         Ok(v.map(to_u64))
     }
 

@@ -54,6 +54,7 @@ cases!(
     lease_expiry_hands_over,
     relay_retries_and_dead_letters,
     unit_of_work_rollback_leaves_nothing,
+    settle_publishes_fails_and_releases,
 );
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

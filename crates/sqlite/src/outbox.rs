@@ -284,6 +284,11 @@ pub(crate) fn db_err(err: sqlx::Error) -> OutboxError {
     }
 }
 
+/// The database clock as an SQL expression: nanoseconds since the Unix
+/// epoch, millisecond precision (what [`db_now`] reads).
+const NOW_NS: &str =
+    "(CAST(ROUND((julianday('now') - 2440587.5) * 86400000.0) AS INTEGER) * 1000000)";
+
 /// The database clock, in nanoseconds since the Unix epoch (millisecond
 /// precision).
 pub(crate) async fn db_now(conn: &mut SqliteConnection) -> OutboxResult<i64> {
@@ -388,6 +393,28 @@ impl OutboxClaimer for SqliteOutbox {
             return Ok(Vec::new());
         }
         let limit = req.limit;
+        // A read first (WAL readers never wait for the writer): an idle
+        // relay polling every few milliseconds must not take the write lock
+        // that enqueues and other writers of the file need. It over-reports
+        // (a due, free message that is not its key's head), never
+        // under-reports, so the claim below still decides.
+        let probe = format!(
+            "WITH clock AS (SELECT {NOW_NS} AS now)
+             SELECT EXISTS (
+                 SELECT 1 FROM outbox
+                  WHERE status = 'pending'
+                    AND (next_attempt_at IS NULL OR next_attempt_at <= (SELECT now FROM clock))
+                    AND (claimed_by IS NULL OR lease_until <= (SELECT now FROM clock)
+                         OR claimed_by = ?1))"
+        );
+        let any_claimable: bool = sqlx::query_scalar(&probe)
+            .bind(req.worker.as_str())
+            .fetch_one(self.pool())
+            .await
+            .map_err(db_err)?;
+        if !any_claimable {
+            return Ok(Vec::new());
+        }
         let mut tx = self.begin_immediate().await?;
         let now = db_now(&mut tx).await?;
         let lease_until = now.saturating_add(nanos(req.lease));

@@ -316,6 +316,48 @@ impl SqliteSagaStore {
     fn pool(&self) -> &sqlx::SqlitePool {
         self.outbox.pool()
     }
+
+    /// The states of the sagas among `ids` that exist, in one read (no
+    /// write lock), in no particular order: how a caller watching many
+    /// sagas (the demo's order placer) learns which finished without one
+    /// [`load`](SagaStore::load) each.
+    ///
+    /// ```
+    /// use serde_json::json;
+    /// use vextrus_core::saga::{NewSaga, SagaId, SagaState, SagaStore};
+    /// use vextrus_sqlite::SqliteOutbox;
+    /// use vextrus_sqlite::saga::SqliteSagaStore;
+    ///
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// let store = SqliteSagaStore::new(SqliteOutbox::temporary().await.unwrap(), "saga.replies");
+    /// store.migrate().await.unwrap();
+    /// let (a, missing) = (SagaId::new(), SagaId::new());
+    /// store.create(NewSaga { id: a, saga_type: "t".into(), version: 1, data: json!({}), trace_context: None }).await.unwrap();
+    /// assert_eq!(store.states_of(&[a, missing]).await.unwrap(), vec![(a, SagaState::Running)]);
+    /// # });
+    /// ```
+    pub async fn states_of(&self, ids: &[SagaId]) -> Result<Vec<(SagaId, SagaState)>, SagaError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let list = serde_json::Value::from(ids.iter().map(ToString::to_string).collect::<Vec<_>>())
+            .to_string();
+        let rows: Vec<(String, String)> = sqlx::query_as(
+            "SELECT id, state FROM saga_instances WHERE id IN (SELECT value FROM json_each(?))",
+        )
+        .bind(list)
+        .fetch_all(self.pool())
+        .await
+        .map_err(sql_err)?;
+        rows.into_iter()
+            .map(|(id, state)| {
+                Ok((
+                    id.parse().map_err(|e| corrupt("id", e))?,
+                    state.parse().map_err(|e| corrupt("state", e))?,
+                ))
+            })
+            .collect()
+    }
 }
 
 impl SagaStore for SqliteSagaStore {

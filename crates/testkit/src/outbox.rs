@@ -385,6 +385,85 @@ pub async fn lease_expiry_hands_over<B: OutboxBackend>(backend: &B) {
     );
 }
 
+/// [`OutboxClaimer::settle`] settles a batch at once: published rows are
+/// published, each failure is recorded as `mark_failed` would (outcomes in
+/// the order given), released rows are claimable again by others, a release
+/// in another worker's name changes nothing, and a failure of a row that is
+/// no longer pending is `Settled` (of an unknown id, `NotFound`).
+pub async fn settle_publishes_fails_and_releases<B: OutboxBackend>(backend: &B) {
+    let s = backend.fresh().await;
+    let (a, b, c, d, e) = (
+        msg("a", 1),
+        msg("b", 1),
+        msg("c", 1),
+        msg("d", 1),
+        msg("e", 1),
+    );
+    s.enqueue(&[a.clone(), b.clone(), c.clone(), d.clone(), e.clone()])
+        .await
+        .unwrap();
+    let claimed = s
+        .claim(&req("w1", DeadLetterPolicy::SkipKey))
+        .await
+        .unwrap();
+    assert_eq!(ids(&claimed), vec![a.id, b.id, c.id, d.id, e.id]);
+    let outcomes = s
+        .settle(
+            "w1",
+            &[a.id],
+            &[
+                (b.id, fail(false, Duration::from_secs(3600), 5)),
+                (c.id, fail(true, Duration::ZERO, 5)),
+            ],
+            &[d.id],
+        )
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            outcomes.as_slice(),
+            [
+                FailureOutcome::Retrying { attempts: 1, .. },
+                FailureOutcome::Dead { attempts: 1 }
+            ]
+        ),
+        "{outcomes:?}"
+    );
+    let row = |id| {
+        let s = s.clone();
+        async move { s.get(id).await.unwrap().unwrap() }
+    };
+    assert_eq!(row(a.id).await.status, OutboxStatus::Published);
+    assert!(row(a.id).await.published_at.is_some());
+    let rb = row(b.id).await;
+    assert_eq!((rb.status, rb.attempts), (OutboxStatus::Pending, 1));
+    assert_eq!(rb.last_error.as_deref(), Some("broker said no"));
+    assert_eq!(row(c.id).await.status, OutboxStatus::Dead);
+    // w2's release of e (held by w1) changes nothing; d is free again, b is
+    // waiting for its retry.
+    s.settle("w2", &[], &[], &[e.id]).await.unwrap();
+    let again = s
+        .claim(&req("w2", DeadLetterPolicy::SkipKey))
+        .await
+        .unwrap();
+    assert_eq!(ids(&again), vec![d.id]);
+    // A failure reported for a row no longer pending, or for no row at all.
+    let late = s
+        .settle("w1", &[], &[(a.id, fail(false, Duration::ZERO, 5))], &[])
+        .await
+        .unwrap();
+    assert_eq!(late, vec![FailureOutcome::Settled]);
+    let unknown = MessageId::new();
+    assert!(matches!(
+        s.settle("w1", &[], &[(unknown, fail(false, Duration::ZERO, 5))], &[])
+            .await,
+        Err(OutboxError::NotFound(id)) if id == unknown
+    ));
+    // Nothing to settle is a no-op.
+    assert!(s.settle("w1", &[], &[], &[]).await.unwrap().is_empty());
+    assert_eq!(row(a.id).await.attempts, 0);
+}
+
 /// Per-key order: `workers` relay workers share one outbox holding
 /// `messages` messages on `keys` keys while the transport fails about one
 /// publish in 50 (transiently); every message is confirmed, and each key's
@@ -625,6 +704,7 @@ macro_rules! outbox_conformance {
             lease_expiry_hands_over,
             relay_retries_and_dead_letters,
             unit_of_work_rollback_leaves_nothing,
+            settle_publishes_fails_and_releases,
         );
 
         #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -789,6 +789,106 @@ pub async fn stale_worker_is_fenced<B: SagaStoreBackend>(backend: &B) {
     assert!(store.claim_due("c", lease, 10).await.unwrap().is_empty());
 }
 
+/// A write that claims ([`SagaStore::commit_claiming`], how replies are
+/// handled): it applies only if nobody claimed the saga since it was read
+/// and no live lease is held; otherwise it writes nothing (`Fenced`,
+/// `Leased`). A reply recorded before is `DuplicateMessage` and writes
+/// nothing either.
+pub async fn claiming_commit_is_fenced<B: SagaStoreBackend>(backend: &B) {
+    let store = backend.fresh_store().await;
+    let id = SagaId::new();
+    store
+        .create(NewSaga {
+            id,
+            saga_type: "t".into(),
+            version: 1,
+            data: json!({}),
+            trace_context: None,
+        })
+        .await
+        .unwrap();
+    let lease = Duration::from_secs(30);
+    let read = load(&store, id).await;
+    let reply = uuid::Uuid::now_v7();
+    let mut t = probe_transition(&read, read.fencing_token + 1, "r1");
+    t.wake = Wake::Now;
+    t.inbox_message_id = Some(reply);
+    let inst = store.commit_claiming(t, &read, lease).await.unwrap();
+    assert_eq!(inst.fencing_token, read.fencing_token + 1);
+    assert_eq!(inst.data, json!({"written_by": "r1"}));
+    assert_eq!(inst.lease, None);
+    assert!(store.message_handled(reply).await.unwrap());
+
+    // A second writer that read the same version is fenced.
+    let err = store
+        .commit_claiming(
+            probe_transition(&read, read.fencing_token + 1, "r2"),
+            &read,
+            lease,
+        )
+        .await
+        .unwrap_err();
+    assert!(err.is_fenced(), "{err:?}");
+    assert_eq!(load(&store, id).await.data, json!({"written_by": "r1"}));
+
+    // A live lease keeps a claiming writer out, even with a current read.
+    let a = store.claim(id, "a", lease).await.unwrap();
+    let err = store
+        .commit_claiming(
+            probe_transition(&a.instance, a.token + 1, "r3"),
+            &a.instance,
+            lease,
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, SagaError::Leased { .. }), "{err:?}");
+    // The lease holder's token is still current; it commits and lets go.
+    // The token does not move, but a writer holding the read from before
+    // that commit is stale and is fenced.
+    store
+        .commit(probe_transition(&a.instance, a.token, "a"))
+        .await
+        .unwrap();
+    let history = store.history(id).await.unwrap();
+    let err = store
+        .commit_claiming(
+            probe_transition(&a.instance, a.token + 1, "stale"),
+            &a.instance,
+            lease,
+        )
+        .await
+        .unwrap_err();
+    assert!(err.is_fenced(), "{err:?}");
+    assert_eq!(load(&store, id).await.data, json!({"written_by": "a"}));
+    assert_eq!(store.history(id).await.unwrap(), history);
+
+    // The reply handled before: nothing written, nothing held.
+    let read = load(&store, id).await;
+    let mut t = probe_transition(&read, read.fencing_token + 1, "r4");
+    t.inbox_message_id = Some(reply);
+    assert!(matches!(
+        store.commit_claiming(t, &read, lease).await,
+        Err(SagaError::DuplicateMessage(m)) if m == reply
+    ));
+    let now = load(&store, id).await;
+    assert_eq!(now.data, json!({"written_by": "a"}));
+    assert_eq!(now.lease, None);
+    assert_eq!(store.history(id).await.unwrap(), history);
+
+    // A fresh reply on a fresh read applies, and a claim after it fences
+    // a writer still holding that read.
+    let mut t = probe_transition(&now, now.fencing_token + 1, "r5");
+    t.inbox_message_id = Some(uuid::Uuid::now_v7());
+    t.lease = LeaseUpdate::Extend(lease);
+    let inst = store.commit_claiming(t, &now, lease).await.unwrap();
+    assert_eq!(inst.lease.as_ref().map(|l| l.owner.as_str()), Some("r5"));
+    assert!(matches!(
+        store.claim(id, "b", lease).await,
+        Err(SagaError::Leased { .. })
+    ));
+    assert_eq!(store.history(id).await.unwrap().len(), history.len() + 1);
+}
+
 /// Several workers share many sagas: no saga ever has two step executions
 /// at once, every step runs exactly once, every saga completes.
 pub async fn concurrent_workers_never_drive_one_saga_at_once<B: SagaStoreBackend>(backend: &B) {
@@ -1217,6 +1317,7 @@ macro_rules! saga_store_conformance {
             timeouts_fire_from_durable_timers_after_restart,
             crash_mid_local_step_is_resumed,
             stale_worker_is_fenced,
+            claiming_commit_is_fenced,
             concurrent_workers_never_drive_one_saga_at_once,
             running_instance_finishes_on_its_version,
             idempotency_keys_are_stable_across_retries,

@@ -134,9 +134,9 @@ pub struct BatchReport {
 /// says (by default one at a time per key). After a failure the key's
 /// remaining messages in the batch are released unmarked.
 ///
-/// Settling: one batch is settled with one [`OutboxClaimer::mark_published`]
-/// of every confirmed message, one [`OutboxClaimer::mark_failed`] per failed
-/// message and one [`OutboxClaimer::release`] of the rest. A failed message
+/// Settling: one batch is settled with one [`OutboxClaimer::settle`]: every
+/// confirmed message published, each failed one recorded (as
+/// [`OutboxClaimer::mark_failed`]) and the rest released. A failed message
 /// is rescheduled in the store (`next_attempt_at` = now +
 /// [`Backoff::delay`]); an error of kind [`ErrorKind::Validation`] (too
 /// large, bad headers) dead-letters at once, others after
@@ -334,24 +334,34 @@ where
                 None => released.push(msg.id()),
             }
         }
+        let failures: Vec<(MessageId, PublishFailure)> = failed
+            .iter()
+            .map(|(msg, e)| {
+                let kind = e.kind();
+                ::metrics::counter!(m::OUTBOX_PUBLISH_FAILURES_TOTAL,
+                    m::LABEL_RELAY => cfg.name.clone(), m::LABEL_KIND => kind.as_str())
+                .increment(1);
+                let failure = PublishFailure {
+                    error: e.to_string(),
+                    retry_in: cfg.backoff.delay(msg.attempts + 1),
+                    max_attempts: cfg.max_attempts.max(1),
+                    dead_now: kind == ErrorKind::Validation,
+                };
+                (msg.id(), failure)
+            })
+            .collect();
+        // One call settles the batch (one transaction where the store can).
+        let settled = inner
+            .store
+            .settle(worker, &confirmed, &failures, &released)
+            .await?;
         if !confirmed.is_empty() {
-            inner.store.mark_published(&confirmed).await?;
             ::metrics::counter!(m::OUTBOX_PUBLISHED_TOTAL, m::LABEL_RELAY => cfg.name.clone())
                 .increment(confirmed.len() as u64);
             report.published = confirmed.len();
         }
-        for (msg, e) in failed {
-            let kind = e.kind();
-            ::metrics::counter!(m::OUTBOX_PUBLISH_FAILURES_TOTAL,
-                m::LABEL_RELAY => cfg.name.clone(), m::LABEL_KIND => kind.as_str())
-            .increment(1);
-            let failure = PublishFailure {
-                error: e.to_string(),
-                retry_in: cfg.backoff.delay(msg.attempts + 1),
-                max_attempts: cfg.max_attempts.max(1),
-                dead_now: kind == ErrorKind::Validation,
-            };
-            match inner.store.mark_failed(msg.id(), &failure).await? {
+        for ((msg, e), outcome) in failed.iter().zip(settled) {
+            match outcome {
                 FailureOutcome::Retrying { attempts, .. } => {
                     tracing::debug!(id = %msg.id(), attempts, error = %e, "publish failed; rescheduled");
                     report.retrying += 1;
@@ -365,10 +375,7 @@ where
                 FailureOutcome::Settled => {}
             }
         }
-        if !released.is_empty() {
-            inner.store.release(worker, &released).await?;
-            report.released = released.len();
-        }
+        report.released = released.len();
         if transient && report.published == 0 {
             permit.record_error_kind(ErrorKind::Transient);
         } else {

@@ -171,6 +171,34 @@ pub trait OutboxClaimer: Send + Sync {
         ids: &[MessageId],
     ) -> impl Future<Output = OutboxResult<()>> + Send;
 
+    /// Settles one batch `worker` claimed, as the relay does after each
+    /// publish: marks `published` published, records each of `failed` as
+    /// [`mark_failed`](Self::mark_failed) does, and gives `released` back;
+    /// returns the failures' outcomes, in the order of `failed`. The
+    /// default calls those three methods in that order; a store may do it
+    /// all in one transaction (PostgreSQL does, in one statement).
+    fn settle(
+        &self,
+        worker: &str,
+        published: &[MessageId],
+        failed: &[(MessageId, PublishFailure)],
+        released: &[MessageId],
+    ) -> impl Future<Output = OutboxResult<Vec<FailureOutcome>>> + Send {
+        async move {
+            if !published.is_empty() {
+                self.mark_published(published).await?;
+            }
+            let mut outcomes = Vec::with_capacity(failed.len());
+            for (id, failure) in failed {
+                outcomes.push(self.mark_failed(*id, failure).await?);
+            }
+            if !released.is_empty() {
+                self.release(worker, released).await?;
+            }
+            Ok(outcomes)
+        }
+    }
+
     /// Wake-ups after enqueues: PostgreSQL uses LISTEN/NOTIFY, memory a
     /// watch channel; the default is polling only.
     fn wake_ups(&self) -> impl Future<Output = OutboxResult<WakeUps>> + Send {

@@ -343,23 +343,17 @@ impl<S: SagaStore> Orchestrator<S> {
     /// Fails with [`SagaError::Leased`] (transient) while another worker
     /// drives the saga: leave the message unacknowledged and redeliver it.
     pub async fn handle_reply(&self, reply: &SagaReply) -> Result<ReplyDisposition, SagaError> {
-        if self.store.message_handled(reply.message_id).await? {
-            return Ok(ReplyDisposition::Duplicate);
-        }
-        let Claim {
-            instance: inst,
-            token,
-        } = self
+        // No pre-check and no claim of its own: the saga is read, and the
+        // first write claims it (`commit_claiming`: only if nobody claimed
+        // it since the read and no live lease is held) and records the
+        // reply, whose inbox row makes a redelivery a no-op.
+        let inst = self
             .store
-            .claim(reply.saga_id, &self.config.worker_id, self.config.lease)
-            .await?;
-        let def = match self.registry.get(&inst.saga_type, inst.version) {
-            Ok(d) => d,
-            Err(e) => {
-                self.store.release(inst.id, token).await?;
-                return Err(e);
-            }
-        };
+            .load(reply.saga_id)
+            .await?
+            .ok_or(SagaError::NotFound(reply.saga_id))?;
+        let token = inst.fencing_token + 1;
+        let def = self.registry.get(&inst.saga_type, inst.version)?;
         let expected = cursor(&*def, &inst);
         // Only a remote call is answered by a reply: the one in flight, or
         // (a late success, same idempotency key) one whose retry is pending.
@@ -429,20 +423,19 @@ impl<S: SagaStore> Orchestrator<S> {
         };
         t.inbox_message_id = Some(reply.message_id);
         let mut pending = None;
-        let driven = match self.settle(&inst, t, &mut pending).await {
+        let mut claiming = Some(inst.clone());
+        let driven = match self.settle(&inst, t, &mut pending, &mut claiming).await {
             Ok(_) if !applies => return Ok(ReplyDisposition::Ignored),
             // Applied and due again at once: the reply's transition is
             // committed together with the next start, inside `drive`.
-            Ok(next) => self.drive(&*def, next, token, pending).await,
+            Ok(next) => self.drive(&*def, next, token, pending, claiming).await,
             Err(e) => Err(e),
         };
         match driven {
             Ok(()) => Ok(ReplyDisposition::Applied),
-            Err(SagaError::DuplicateMessage(_)) => {
-                // Only the commit carrying the reply can say so: nothing was written.
-                self.store.release(reply.saga_id, token).await?;
-                Ok(ReplyDisposition::Duplicate)
-            }
+            // Only the commit carrying the reply (the claiming one) can say
+            // so: nothing was written, and nothing is held.
+            Err(SagaError::DuplicateMessage(_)) => Ok(ReplyDisposition::Duplicate),
             Err(e) if self.store.message_handled(reply.message_id).await? => {
                 // The reply is recorded; what failed came after it.
                 tracing::warn!(saga = %reply.saga_id, error = %e, "driving the saga after a reply failed; a worker resumes it");
@@ -491,8 +484,8 @@ impl<S: SagaStore> Orchestrator<S> {
         t.history
             .push(HistoryEvent::saga(HistoryKind::OperatorRetry));
         let mut pending = None;
-        let inst = self.settle(&inst, t, &mut pending).await?;
-        self.drive(&*def, inst, token, pending).await?;
+        let inst = self.settle(&inst, t, &mut pending, &mut None).await?;
+        self.drive(&*def, inst, token, pending, None).await?;
         self.store.load(id).await?.ok_or(SagaError::NotFound(id))
     }
 
@@ -535,8 +528,8 @@ impl<S: SagaStore> Orchestrator<S> {
             t.progress.in_flight = None;
         }
         let mut pending = None;
-        let inst = self.settle(&inst, t, &mut pending).await?;
-        self.drive(&*def, inst, token, pending).await?;
+        let inst = self.settle(&inst, t, &mut pending, &mut None).await?;
+        self.drive(&*def, inst, token, pending, None).await?;
         self.store.load(id).await?.ok_or(SagaError::NotFound(id))
     }
 
@@ -560,7 +553,10 @@ impl<S: SagaStore> Orchestrator<S> {
             .definition_or_release(&claim.instance, claim.token)
             .await
         {
-            Ok(def) => self.drive(&*def, claim.instance, claim.token, None).await,
+            Ok(def) => {
+                self.drive(&*def, claim.instance, claim.token, None, None)
+                    .await
+            }
             Err(e) => Err(e),
         };
         if let Err(e) = res {
@@ -589,12 +585,16 @@ impl<S: SagaStore> Orchestrator<S> {
     /// `pending` is a transition not yet committed whose saga is due now
     /// (`inst` is its preview): it is committed together with the start of
     /// the next action or compensation, so a step costs one commit, not two.
+    /// With `claiming` (the instance as read), the saga is not claimed yet
+    /// (`token` is the token the claim will give): the first write claims
+    /// it ([`SagaStore::commit_claiming`]).
     async fn drive(
         &self,
         def: &dyn ErasedSaga,
         mut inst: SagaInstance,
         token: u64,
         mut pending: Option<SagaTransition>,
+        mut claiming: Option<SagaInstance>,
     ) -> Result<(), SagaError> {
         loop {
             if pending.is_none() {
@@ -602,7 +602,7 @@ impl<S: SagaStore> Orchestrator<S> {
                     || inst.state.is_terminal()
                     || !self.is_due(&inst).await?;
                 if waiting {
-                    if inst.lease.is_some() {
+                    if inst.lease.is_some() && claiming.is_none() {
                         self.store.release(inst.id, token).await?;
                     }
                     return Ok(());
@@ -612,7 +612,7 @@ impl<S: SagaStore> Orchestrator<S> {
                 // Every step done (or every compensation confirmed).
                 let mut t = pending.take().unwrap_or_else(|| self.base(&inst, token));
                 finish(&mut t, &inst);
-                self.store.commit(t).await?;
+                self.write(t, &mut claiming).await?;
                 return Ok(());
             };
             if let Some(f) = inst.progress.in_flight.clone() {
@@ -620,7 +620,7 @@ impl<S: SagaStore> Orchestrator<S> {
                 // (also how a crash during a local call is recovered).
                 let t =
                     self.apply_outcome(def, &inst, token, step, kind, f.attempt, Outcome::TimedOut);
-                inst = self.settle(&inst, t, &mut pending).await?;
+                inst = self.settle(&inst, t, &mut pending, &mut claiming).await?;
                 continue;
             }
             let attempt = inst.progress.attempt + 1;
@@ -675,7 +675,7 @@ impl<S: SagaStore> Orchestrator<S> {
                     t.lease = LeaseUpdate::Release;
                     // Committed inside the step's span: the queued command
                     // carries its trace context to the participant.
-                    self.store.commit(t).instrument(span).await?;
+                    self.write(t, &mut claiming).instrument(span).await?;
                     return Ok(());
                 }
                 Invocation::Local(fut) => {
@@ -687,7 +687,10 @@ impl<S: SagaStore> Orchestrator<S> {
                         started_at: None,
                     });
                     t.lease = LeaseUpdate::Extend(info.timeout + self.config.lease);
-                    let started = self.store.commit(t).instrument(span.clone()).await?;
+                    let started = self
+                        .write(t, &mut claiming)
+                        .instrument(span.clone())
+                        .await?;
                     let clock = std::time::Instant::now();
                     let outcome = match tokio::time::timeout(info.timeout, fut)
                         .instrument(span)
@@ -709,7 +712,9 @@ impl<S: SagaStore> Orchestrator<S> {
                         );
                     }
                     let t = self.apply_outcome(def, &started, token, step, kind, attempt, outcome);
-                    inst = self.settle(&started, t, &mut pending).await?;
+                    inst = self
+                        .settle(&started, t, &mut pending, &mut claiming)
+                        .await?;
                 }
             }
         }
@@ -723,13 +728,30 @@ impl<S: SagaStore> Orchestrator<S> {
         inst: &SagaInstance,
         t: SagaTransition,
         pending: &mut Option<SagaTransition>,
+        claiming: &mut Option<SagaInstance>,
     ) -> Result<SagaInstance, SagaError> {
         if !continues_now(&t) {
-            return self.store.commit(t).await;
+            return self.write(t, claiming).await;
         }
         let preview = preview(inst, &t);
         *pending = Some(t);
         Ok(preview)
+    }
+
+    /// Commits `t`; the first write of a `claiming` drive claims the saga
+    /// with it ([`SagaStore::commit_claiming`]), the later ones hold that claim.
+    async fn write(
+        &self,
+        t: SagaTransition,
+        claiming: &mut Option<SagaInstance>,
+    ) -> Result<SagaInstance, SagaError> {
+        if let Some(read) = claiming.take() {
+            self.store
+                .commit_claiming(t, &read, self.config.lease)
+                .await
+        } else {
+            self.store.commit(t).await
+        }
     }
 
     /// A transition that keeps everything as it is and extends the lease.

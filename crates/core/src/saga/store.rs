@@ -216,6 +216,57 @@ pub trait SagaStore: Send + Sync {
     fn release(&self, id: SagaId, token: u64)
     -> impl Future<Output = Result<(), SagaError>> + Send;
 
+    /// Claims the saga and writes `transition` as one step, if nothing has
+    /// changed since it was read as `read`: the saga's fencing token must
+    /// still be `transition.token - 1` and its `updated_at`, state and
+    /// progress those of `read` (else [`SagaError::Fenced`], nothing
+    /// written; a commit does not move the token, so the token alone would
+    /// let a stale read through), and it must carry no live lease (else
+    /// [`SagaError::Leased`]); the
+    /// write then sets the token to `transition.token`, as a
+    /// [`claim`](SagaStore::claim) would, and applies the transition as
+    /// [`commit`](SagaStore::commit) does (the same inbox rule and lease
+    /// update). So a reply is handled on a plain [`load`](SagaStore::load)
+    /// without a claim of its own, and two workers still never drive one saga
+    /// at once: whoever claims first fences the other.
+    ///
+    /// The default claims (with `lease`) and then commits, releasing the
+    /// claim if the token moved in between or the commit fails; SQL stores
+    /// override it with one guarded write.
+    fn commit_claiming(
+        &self,
+        transition: SagaTransition,
+        read: &SagaInstance,
+        lease: Duration,
+    ) -> impl Future<Output = Result<SagaInstance, SagaError>> + Send {
+        async move {
+            let id = transition.saga_id;
+            let claim = self.claim(id, &transition.worker, lease).await?;
+            let now = &claim.instance;
+            let unchanged = now.updated_at == read.updated_at
+                && now.state == read.state
+                && now.progress == read.progress;
+            if claim.token != transition.token || !unchanged {
+                let _ = self.release(id, claim.token).await;
+                return Err(SagaError::Fenced {
+                    saga_id: id,
+                    token: transition.token,
+                    current: claim.token,
+                });
+            }
+            let token = claim.token;
+            match self.commit(transition).await {
+                Ok(inst) => Ok(inst),
+                Err(e) => {
+                    if !e.is_fenced() {
+                        let _ = self.release(id, token).await;
+                    }
+                    Err(e)
+                }
+            }
+        }
+    }
+
     /// Whether the reply message `message_id` was already handled.
     fn message_handled(
         &self,
