@@ -418,6 +418,12 @@ where
     .await
     .map_err(Error::db(participant))?;
     let stored: String = row.try_get(0).map_err(Error::db(participant))?;
+    if stored == FENCED {
+        return Err(Error::Fenced {
+            participant,
+            key: key.as_str().to_owned(),
+        });
+    }
     if stored != fingerprint {
         return Err(Error::KeyReused {
             participant,
@@ -435,6 +441,38 @@ where
             participant,
             reason: format!("stored reply for {key} does not decode: {e}"),
         })
+}
+
+/// The fingerprint of an action key that its step's compensation claimed
+/// first ([`fence`]); no command's fingerprint (16 hex digits) equals it.
+pub(crate) const FENCED: &str = "fenced-by-compensation";
+
+/// Claims `action_key` for the compensation running in this transaction,
+/// unless the action claimed it first: `true` if the action is now fenced
+/// (it had not run, and [`claim`] refuses it from now on with
+/// [`Error::Fenced`]), `false` if it ran (or was fenced before).
+///
+/// Runs before the compensation's effect. On PostgreSQL the insert waits for
+/// a concurrent, uncommitted claim of the same key; if that action commits,
+/// the compensation's later statements see its effect and undo it, and if
+/// this fence commits first, the action's claim finds it.
+pub(crate) async fn fence(
+    conn: &mut AnyConnection,
+    participant: &'static str,
+    action_key: &str,
+) -> Result<bool> {
+    let inserted = sqlx::query(
+        "INSERT INTO o2c_idempotency (participant, idem_key, fingerprint, reply) VALUES ($1, $2, $3, NULL)
+         ON CONFLICT (participant, idem_key) DO NOTHING",
+    )
+    .bind(participant)
+    .bind(action_key)
+    .bind(FENCED)
+    .execute(&mut *conn)
+    .await
+    .map_err(Error::db(participant))?
+    .rows_affected();
+    Ok(inserted == 1)
 }
 
 /// Stores the reply of the command that claimed `key` (same transaction).
@@ -458,10 +496,14 @@ pub(crate) async fn store_reply<R: Serialize>(
     Ok(())
 }
 
-/// How many idempotency keys `participant` holds (for tests and reports).
+/// How many idempotency keys `participant` holds (for tests and reports);
+/// fences ([`fence`]) are not counted: no command ran under them.
 pub(crate) async fn key_count(db: &Database, participant: &'static str) -> Result<i64> {
-    sqlx::query("SELECT CAST(COUNT(*) AS BIGINT) FROM o2c_idempotency WHERE participant = $1")
-        .bind(participant)
+    sqlx::query(
+        "SELECT CAST(COUNT(*) AS BIGINT) FROM o2c_idempotency WHERE participant = $1 AND fingerprint <> $2",
+    )
+    .bind(participant)
+    .bind(FENCED)
         .fetch_one(db.pool())
         .await
         .and_then(|r| r.try_get(0))

@@ -58,6 +58,18 @@ pub enum Error {
         /// The key.
         key: String,
     },
+    /// A saga step's action arrived after its compensation, which found
+    /// nothing to undo and fenced the action's key: the action must not run
+    /// now (its saga has moved on), and nothing was written.
+    #[error(
+        "{participant}: idempotency key {key:?} was compensated before its action arrived; the action is refused"
+    )]
+    Fenced {
+        /// The participant that holds the fence.
+        participant: &'static str,
+        /// The action's key.
+        key: String,
+    },
     /// A command that needs earlier state found none (capturing an order
     /// that was never authorized, completing an unknown order).
     #[error("{participant}: {what} not found")]
@@ -144,7 +156,7 @@ impl HasErrorKind for Error {
             | Error::Invalid { .. }
             | Error::Unbalanced { .. }
             | Error::IllegalState { .. } => ErrorKind::Validation,
-            Error::KeyReused { .. } => ErrorKind::Conflict,
+            Error::KeyReused { .. } | Error::Fenced { .. } => ErrorKind::Conflict,
             Error::NotFound { .. } => ErrorKind::NotFound,
             Error::Corrupt { .. } => ErrorKind::Fatal,
             Error::Outbox(e) => e.kind(),

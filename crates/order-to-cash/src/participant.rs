@@ -12,7 +12,7 @@ use serde_json::Value;
 use sqlx::AnyConnection;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteSynchronous};
 use vextrus_core::outbox::{Backoff, OutboxRelay, RelayConfig, RelayHandle};
-use vextrus_core::saga::{ReplyOutcome, SagaCommand, SagaReply};
+use vextrus_core::saga::{ReplyOutcome, SagaCommand, SagaReply, compensated_action_key};
 use vextrus_core::transport::{
     InboundMessage, MessageDelivery, MessageId, MessageSource, OutboundMessage, Transport,
 };
@@ -34,10 +34,15 @@ use crate::faults::FaultInjector;
 ///
 /// 1. claim the key (`INSERT ... ON CONFLICT DO NOTHING`); a key used before
 ///    for the same command returns its stored reply and writes nothing, a key
-///    used for another command is [`Error::KeyReused`];
-/// 2. apply the command;
-/// 3. store the reply under the key;
-/// 4. commit, all of it in one transaction.
+///    used for another command is [`Error::KeyReused`], and a saga action's
+///    key that its compensation fenced (below) is [`Error::Fenced`];
+/// 2. for a saga compensation's key
+///    ([`compensated_action_key`]), fence the compensated action's key: if
+///    the action has not run here, it never will (it may still be on its way
+///    after the orchestrator timed it out);
+/// 3. apply the command;
+/// 4. store the reply under the key;
+/// 5. commit, all of it in one transaction.
 ///
 /// Business failures (out of stock, declined) are replies, stored like any
 /// other, so a redelivered command gets the same answer.
@@ -82,6 +87,9 @@ pub trait Participant: Send + Sync {
                 db::claim::<_, Self::Reply>(&mut *conn, Self::NAME, key, command).await?
             {
                 return Ok(reply);
+            }
+            if let Some(action) = compensated_action_key(key.as_str()) {
+                db::fence(&mut *conn, Self::NAME, &action).await?;
             }
             let reply = self.apply(&mut *conn, key, command).await?;
             db::store_reply(&mut *conn, Self::NAME, key, &reply).await?;

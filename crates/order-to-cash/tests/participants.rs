@@ -6,9 +6,12 @@ mod support;
 use std::sync::Arc;
 
 use support::*;
+use vextrus_core::saga::{ReplyOutcome, SagaCommand, SagaId, StepKind, idempotency_key};
+use vextrus_core::transport::InboundMessage;
 use vextrus_kernel::{Currency, ErrorKind, HasErrorKind};
 use vextrus_order_to_cash::accounting::{Account, AccountingReply};
 use vextrus_order_to_cash::inventory::InventoryReply;
+use vextrus_order_to_cash::participant::{Delivered, deliver};
 use vextrus_order_to_cash::payment::PaymentReply;
 use vextrus_order_to_cash::shipping::ShippingReply;
 use vextrus_order_to_cash::{Error, FaultConfig, Participant};
@@ -576,4 +579,156 @@ async fn migrations_are_idempotent() {
     let w = world().await;
     assert_eq!(w.inventory.migrate().await.unwrap(), 0);
     assert_eq!(w.accounting.migrate().await.unwrap(), 0);
+}
+
+/// The key a saga's step gets from the orchestrator.
+fn step_key(saga: SagaId, step: usize, kind: StepKind) -> vextrus_order_to_cash::IdempotencyKey {
+    vextrus_order_to_cash::IdempotencyKey::new(idempotency_key(saga, step, kind)).unwrap()
+}
+
+#[tokio::test]
+async fn a_compensation_that_finds_nothing_fences_its_late_action() {
+    let w = world().await;
+    stocked(&w).await;
+    let saga = SagaId::new();
+    let o = order("o1");
+
+    // Step 1 (reserve) timed out; its compensation arrives first, finds no
+    // reservation, and fences the action: the late reserve takes nothing.
+    w.inventory
+        .release(&step_key(saga, 1, StepKind::Compensation), &o)
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        let err = w
+            .inventory
+            .reserve(&step_key(saga, 1, StepKind::Action), &o, vec![line("A", 2)])
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::Fenced { .. }), "{err:?}");
+        assert_eq!(err.kind(), ErrorKind::Conflict);
+    }
+    let a = w.inventory.stock_level(&sku("A")).await.unwrap().unwrap();
+    assert_eq!((a.on_hand, a.reserved), (10, 0));
+    assert!(w.inventory.reservations().await.unwrap().is_empty());
+
+    // Payment: authorized (step 2); the capture (step 5) timed out and its
+    // refund found nothing captured; the late capture is refused, so the void
+    // of step 2 still drops the hold (without the fence it was refused, and
+    // the saga ended CompensationFailed with the money taken).
+    w.payment
+        .authorize(&step_key(saga, 2, StepKind::Action), &o, usd(500))
+        .await
+        .unwrap();
+    assert_eq!(
+        w.payment
+            .refund(&step_key(saga, 5, StepKind::Compensation), &o)
+            .await
+            .unwrap(),
+        PaymentReply::Refunded { amount: None }
+    );
+    let err = w
+        .payment
+        .capture(&step_key(saga, 5, StepKind::Action), &o)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Fenced { .. }), "{err:?}");
+    assert_eq!(
+        w.payment
+            .void(&step_key(saga, 2, StepKind::Compensation), &o)
+            .await
+            .unwrap(),
+        PaymentReply::Voided { dropped: true }
+    );
+    let rec = w.payment.record(&o).await.unwrap().unwrap();
+    assert_eq!((rec.state.as_str(), rec.captured_minor), ("voided", 0));
+
+    // An action that ran first is not fenced: its compensation undoes it.
+    let o2 = order("o2");
+    let saga2 = SagaId::new();
+    w.inventory
+        .reserve(
+            &step_key(saga2, 1, StepKind::Action),
+            &o2,
+            vec![line("A", 3)],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        w.inventory
+            .stock_level(&sku("A"))
+            .await
+            .unwrap()
+            .unwrap()
+            .reserved,
+        3
+    );
+    w.inventory
+        .release(&step_key(saga2, 1, StepKind::Compensation), &o2)
+        .await
+        .unwrap();
+    assert_eq!(
+        w.inventory
+            .stock_level(&sku("A"))
+            .await
+            .unwrap()
+            .unwrap()
+            .reserved,
+        0
+    );
+    // Fences are not counted as keys: 2 receipts + release, authorize,
+    // refund, void + reserve, release.
+    assert_eq!(w.inventory.idempotency_keys().await.unwrap(), 5);
+    assert_eq!(w.payment.idempotency_keys().await.unwrap(), 3);
+}
+
+#[tokio::test]
+async fn a_fenced_action_is_answered_with_a_business_failure() {
+    let w = world().await;
+    // The inbox and the reply outbox.
+    vextrus_order_to_cash::participant::ReplyOutbox::open(w.payment.database())
+        .await
+        .unwrap();
+    let saga = SagaId::new();
+    let o = order("o1");
+    w.payment
+        .authorize(&step_key(saga, 2, StepKind::Action), &o, usd(500))
+        .await
+        .unwrap();
+    w.payment
+        .refund(&step_key(saga, 5, StepKind::Compensation), &o)
+        .await
+        .unwrap();
+    let command = SagaCommand {
+        message_id: uuid::Uuid::now_v7(),
+        saga_id: saga,
+        saga_type: "order_to_cash".into(),
+        step: 5,
+        step_name: "capture_payment".into(),
+        kind: StepKind::Action,
+        attempt: 1,
+        idempotency_key: idempotency_key(saga, 5, StepKind::Action),
+        destination: "o2c.payment".into(),
+        command_type: "payment.capture".into(),
+        payload: serde_json::to_value(vextrus_order_to_cash::payment::PaymentCommand::Capture {
+            order_id: o.clone(),
+        })
+        .unwrap(),
+    };
+    let message = InboundMessage::from_outbound(&command.to_outbound("o2c.replies").unwrap(), 1);
+    let delivered = deliver(&w.payment, &message).await.unwrap();
+    let Delivered::Replied(reply) = delivered else {
+        panic!("{delivered:?}")
+    };
+    let ReplyOutcome::BusinessFailure(reason) = &reply.outcome else {
+        panic!("{reply:?}")
+    };
+    assert!(reason.contains("compensated before"), "{reason}");
+    // Redelivered: the inbox absorbs it.
+    assert_eq!(
+        deliver(&w.payment, &message).await.unwrap(),
+        Delivered::Duplicate
+    );
+    let rec = w.payment.record(&o).await.unwrap().unwrap();
+    assert_eq!((rec.state.as_str(), rec.captured_minor), ("authorized", 0));
 }

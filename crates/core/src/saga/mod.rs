@@ -140,7 +140,7 @@ pub use orchestrator::{Orchestrator, OrchestratorConfig, ReplyDisposition, SagaV
 pub use state::{
     HistoryEntry, HistoryEvent, HistoryKind, InFlight, Lease, ReplyOutcome, SagaCommand,
     SagaFilter, SagaId, SagaInstance, SagaProgress, SagaReply, SagaState, StepKind,
-    idempotency_key,
+    compensated_action_key, idempotency_key,
 };
 pub use store::{
     Claim, LeaseUpdate, NewSaga, SagaCommandOutbox, SagaCount, SagaStore, SagaTransition, Wake,

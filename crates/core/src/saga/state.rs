@@ -174,6 +174,37 @@ pub fn idempotency_key(saga_id: SagaId, step: usize, kind: StepKind) -> String {
     format!("saga:{saga_id}:{step}:{kind}")
 }
 
+/// For the idempotency key of a step's compensation, the key of the action it
+/// compensates (same saga, same step); `None` for any other key.
+///
+/// A participant uses it to fence a late action: the orchestrator may time a
+/// step out and compensate it while the action's command is still on its way
+/// (a slow relay, a redelivery, a restarted orchestrator). If the
+/// compensation finds nothing to undo, the participant records the action's
+/// key as compensated in the same transaction, so the action, when it
+/// arrives, is refused instead of taking effect after its own undo (the
+/// "suspended action" of TCC; without the fence a late stock reservation or
+/// payment capture outlives its compensated saga).
+///
+/// ```
+/// use vextrus_core::saga::{compensated_action_key, idempotency_key, SagaId, StepKind};
+///
+/// let id = SagaId::new();
+/// let comp = idempotency_key(id, 5, StepKind::Compensation);
+/// assert_eq!(compensated_action_key(&comp), Some(idempotency_key(id, 5, StepKind::Action)));
+/// assert_eq!(compensated_action_key(&idempotency_key(id, 5, StepKind::Action)), None);
+/// assert_eq!(compensated_action_key("order-17"), None);
+/// assert_eq!(compensated_action_key("saga:not-a-uuid:5:compensation"), None);
+/// ```
+pub fn compensated_action_key(key: &str) -> Option<String> {
+    let rest = key.strip_prefix("saga:")?;
+    let head = rest.strip_suffix(":compensation")?;
+    let (id, step) = head.rsplit_once(':')?;
+    let id: SagaId = id.parse().ok()?;
+    let step: usize = step.parse().ok()?;
+    Some(idempotency_key(id, step, StepKind::Action))
+}
+
 /// An action or compensation that was started and has no recorded result
 /// yet: a remote command awaiting its reply, or a local call in progress (or
 /// interrupted by a crash). Its deadline is the instance's `due_at`.
