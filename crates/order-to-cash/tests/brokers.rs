@@ -8,7 +8,10 @@
 //! participants) every saga ends terminal and every invariant holds. A
 //! broker or database that is down fails the tests.
 
+mod support;
+
 use sqlx::{Connection, Executor, PgConnection};
+use support::assert_same_outcome;
 use vextrus_order_to_cash::demo::{DemoConfig, DemoReport, run_demo, serve_orchestrator};
 
 fn nats_url() -> String {
@@ -167,21 +170,7 @@ async fn a_remote_orchestrator_restarted_mid_run_loses_nothing() {
     )
     .await
     .unwrap();
-    assert!(again.passed(), "{again}");
-    assert_eq!(
-        (
-            again.orders,
-            again.completed,
-            again.compensated,
-            again.failed
-        ),
-        (
-            report.orders,
-            report.completed,
-            report.compensated,
-            report.failed
-        )
-    );
+    assert_same_outcome(&report, &again);
     let _ = stop_second.send(());
     second.await.unwrap();
     drop_pg(&name).await;

@@ -1,4 +1,5 @@
-//! Shared test fixtures: participants on fresh stores.
+//! Shared test fixtures: participants on fresh stores, and checks of demo
+//! reports.
 
 #![allow(dead_code, unreachable_pub)]
 
@@ -6,6 +7,7 @@ use std::sync::Arc;
 
 use vextrus_kernel::{AggregateId, Currency, Money, Quantity, Sku};
 use vextrus_order_to_cash::accounting::Accounting;
+use vextrus_order_to_cash::demo::DemoReport;
 use vextrus_order_to_cash::inventory::{Inventory, StockLine};
 use vextrus_order_to_cash::payment::Payment;
 use vextrus_order_to_cash::shipping::Shipping;
@@ -62,4 +64,27 @@ pub fn usd(minor: i64) -> Money {
 
 pub fn only(config: FaultConfig) -> FaultInjector {
     FaultInjector::new(11, config)
+}
+
+/// Asserts that `again`, the demo run a second time with `first`'s seed on
+/// the same databases, found the orders and sagas `first` placed (their ids
+/// derive from the seed) and placed none twice: it passes and reports the
+/// same orders and outcomes.
+pub fn assert_same_outcome(first: &DemoReport, again: &DemoReport) {
+    assert!(again.passed(), "{again}");
+    assert_eq!(
+        (
+            again.orders,
+            again.completed,
+            again.compensated,
+            again.failed
+        ),
+        (
+            first.orders,
+            first.completed,
+            first.compensated,
+            first.failed
+        ),
+        "{again}"
+    );
 }
