@@ -1,5 +1,5 @@
-//! Relay throughput and latency to Kafka, from an in-memory and from a
-//! PostgreSQL outbox, beside the raw rdkafka producer's rate in the same run
+//! Relay throughput and latency to Kafka, from an in-memory, a PostgreSQL
+//! and a SQLite outbox, beside the raw rdkafka producer's rate in the same run
 //! (the harness: `vextrus_testkit::relay_bench`).
 //!
 //! `cargo bench -p vextrus-kafka --bench relay` against the broker at
@@ -10,17 +10,18 @@
 //! client is a second `KafkaTransport`'s own producer (idempotent,
 //! `acks=all`, linger 1 ms), sending the same key, headers and payload.
 
-use std::sync::Mutex;
 use std::time::Duration;
 
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use sqlx::{Connection, PgConnection};
 use uuid::Uuid;
 use vextrus_core::transport::OutboundMessage;
 use vextrus_kafka::{KafkaConfig, KafkaTransport, create_topic};
-use vextrus_postgres::{PgEventStore, PgOutbox, PgStoreConfig};
-use vextrus_testkit::relay_bench::{self, BenchBroker, BenchOutbox};
+use vextrus_testkit::relay_bench::{self, BenchBroker};
+
+#[path = "../../testkit/bench_support/sql_outboxes.rs"]
+mod sql_outboxes;
+use sql_outboxes::{Postgres, Sqlite};
 
 /// Delivery reports awaited per window of the raw pipelined client.
 const WINDOW: usize = 4096;
@@ -113,72 +114,6 @@ impl BenchBroker for Kafka {
     }
 }
 
-/// Fresh PostgreSQL databases, each with a migrated `PgOutbox`.
-struct Postgres {
-    admin: String,
-    created: Mutex<Vec<String>>,
-}
-
-impl Postgres {
-    fn url(&self, db: &str) -> String {
-        let (base, _) = self.admin.rsplit_once('/').expect("a database URL");
-        format!("{base}/{db}")
-    }
-
-    async fn drop_all(&self) {
-        let names = std::mem::take(&mut *self.created.lock().unwrap());
-        let mut conn = PgConnection::connect(&self.admin).await.expect("postgres");
-        for name in names {
-            sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
-                .execute(&mut conn)
-                .await
-                .expect("drop database");
-        }
-    }
-}
-
-impl BenchOutbox for Postgres {
-    type Store = PgOutbox;
-
-    fn name(&self) -> String {
-        "PostgreSQL (PgOutbox)".into()
-    }
-
-    async fn fresh(&self) -> PgOutbox {
-        let name = format!("vextrus_bench_{}", Uuid::now_v7().simple());
-        // The server is shared: when its connection slots are full, wait
-        // for one (up to two minutes) rather than abort the run.
-        let mut tries = 0;
-        let mut conn = loop {
-            match PgConnection::connect(&self.admin).await {
-                Ok(conn) => break conn,
-                Err(e) if tries < 240 => {
-                    tries += 1;
-                    eprintln!("waiting for PostgreSQL: {e}");
-                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-                }
-                Err(e) => panic!("PostgreSQL is required at {}: {e}", self.admin),
-            }
-        };
-        sqlx::query(&format!("CREATE DATABASE \"{name}\""))
-            .execute(&mut conn)
-            .await
-            .expect("create database");
-        self.created.lock().unwrap().push(name.clone());
-        // 12 connections cover the relay's workers, their claims ahead and
-        // the latency run's enqueues, and leave the shared server's slots
-        // to others.
-        let store = PgEventStore::connect_with(
-            &self.url(&name),
-            PgStoreConfig::default().max_connections(12),
-        )
-        .await
-        .expect("connect");
-        store.migrate().await.expect("migrate");
-        PgOutbox::new(store)
-    }
-}
-
 #[tokio::main]
 async fn main() {
     // `cargo test --benches` runs bench targets without `--bench`: skip the
@@ -198,11 +133,7 @@ async fn main() {
         transport,
         producer: raw.producer().clone(),
     };
-    let pg = Postgres {
-        admin: std::env::var("VEXTRUS_TEST_PG_URL")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into()),
-        created: Mutex::default(),
-    };
-    relay_bench::run(&broker, &pg).await;
+    let pg = Postgres::from_env();
+    relay_bench::run(&broker, &pg, &Sqlite).await;
     pg.drop_all().await;
 }

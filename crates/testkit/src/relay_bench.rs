@@ -4,20 +4,22 @@
 //! latency at a fixed rate of half the measured maximum.
 //!
 //! A bench implements [`BenchBroker`] (its raw client and its
-//! [`Transport`]) and [`BenchOutbox`] (a fresh SQL outbox) and calls
-//! [`run`]. Each run, on a fresh destination:
+//! [`Transport`]) and [`BenchOutbox`] (a fresh SQL outbox; the broker
+//! crates pass PostgreSQL and SQLite) and calls [`run`]. Each run, on a
+//! fresh destination:
 //!
 //! 1. raw publishes awaiting each ack before the next (on a tenth of the
 //!    messages);
 //! 2. raw publishes pipelined (all sent, acks awaited in windows) — the
 //!    figure the relay is compared with;
 //! 3. for each [`KeyPipelining`] mode, the [`OutboxRelay`] draining an
-//!    in-memory outbox and then the SQL outbox, each holding the run's
+//!    in-memory outbox and then each SQL outbox, each holding the run's
 //!    messages committed beforehand (enqueue committed → broker ack);
-//! 4. commit → ack latency through the SQL outbox with the default mode
-//!    ([`KeyPipelining::OneAtATime`]) and with [`KeyPipelining::Batch`],
-//!    while messages are committed at half that mode's measured maximum
-//!    (one transaction every [`TICK`], holding the tick's messages).
+//! 4. after each SQL outbox's drain, commit → ack latency through a fresh
+//!    one in the same mode ([`KeyPipelining::OneAtATime`], the default, and
+//!    [`KeyPipelining::Batch`]), while messages are committed at half that
+//!    outbox's measured maximum (one transaction every [`TICK`], holding the
+//!    tick's messages).
 //!
 //! Figures are medians over the runs; ratios are taken per run, then the
 //! median. Settings come from the environment: `VEXTRUS_BENCH_MESSAGES`
@@ -308,20 +310,96 @@ fn ms(d: f64) -> String {
     format!("{:.1} ms", d * 1e3)
 }
 
-/// One mode's figures of one run.
+/// One SQL outbox's figures in one mode, over the runs.
+#[derive(Default)]
+struct SqlFigures {
+    rate: Vec<f64>,
+    ratio: Vec<f64>,
+    p50: Vec<f64>,
+    p99: Vec<f64>,
+    half: Vec<f64>,
+}
+
+/// One mode's figures, over the runs.
 #[derive(Default)]
 struct ModeFigures {
     memory: Vec<f64>,
-    sql: Vec<f64>,
     memory_ratio: Vec<f64>,
-    sql_ratio: Vec<f64>,
-    p50: Vec<f64>,
-    p99: Vec<f64>,
-    rate: Vec<f64>,
+    first: SqlFigures,
+    second: SqlFigures,
 }
 
-/// Runs the benchmark and prints each run and the medians.
-pub async fn run<B: BenchBroker, O: BenchOutbox>(broker: &B, sql: &O) {
+/// Drains a fresh `sql` outbox holding `n` committed messages, then measures
+/// commit → ack at half the rate reached; records both in `f` (ratios to
+/// `raw`) and prints them.
+#[allow(clippy::too_many_arguments)]
+async fn measure_sql<O, T>(
+    s: &BenchSettings,
+    sql: &O,
+    transport: &T,
+    destination: &str,
+    mode: KeyPipelining,
+    raw: f64,
+    f: &mut SqlFigures,
+) where
+    O: BenchOutbox,
+    T: Transport + Clone + 'static,
+{
+    let n = s.messages;
+    let store = sql.fresh().await;
+    enqueue_all(&store, &s.messages(n, destination)).await;
+    let q = relay_rate(s, &store, transport, n, mode).await;
+    let half = q / 2.0;
+    let count = ((half * 5.0) as usize).clamp(500, n);
+    let store = sql.fresh().await;
+    let (p50, p99) = relay_latency(
+        s,
+        &store,
+        transport,
+        &s.messages(count, destination),
+        half,
+        mode,
+    )
+    .await;
+    println!(
+        "    from {}: {q:.0} msg/s ({:.2} of raw); at {half:.0} msg/s commit->ack p50 {} p99 {}",
+        sql.name(),
+        q / raw,
+        ms(p50.as_secs_f64()),
+        ms(p99.as_secs_f64()),
+    );
+    f.rate.push(q);
+    f.ratio.push(q / raw);
+    f.p50.push(p50.as_secs_f64());
+    f.p99.push(p99.as_secs_f64());
+    f.half.push(half);
+}
+
+fn print_sql(name: &str, f: SqlFigures) {
+    println!(
+        "    from {:<27}: {:>8.0} msg/s  ({:.2} of raw pipelined)",
+        name,
+        median(f.rate),
+        median(f.ratio)
+    );
+    println!(
+        "      commit -> ack at {:>6.0} msg/s : p50 {}, p99 {}",
+        median(f.half),
+        ms(median(f.p50)),
+        ms(median(f.p99))
+    );
+}
+
+/// Runs the benchmark over two SQL outboxes (PostgreSQL and SQLite in the
+/// broker crates' benches) and prints each run and the medians. Every run
+/// measures the raw client first, then, per [`KeyPipelining`] mode, the relay
+/// from memory, from `first` and from `second`, so each ratio has its own
+/// raw figure of the same run.
+pub async fn run<B: BenchBroker, P: BenchOutbox, Q: BenchOutbox>(
+    broker: &B,
+    first: &P,
+    second: &Q,
+) {
     let s = BenchSettings::from_env();
     let n = s.messages;
     let transport = broker.transport();
@@ -347,37 +425,32 @@ pub async fn run<B: BenchBroker, O: BenchOutbox>(broker: &B, sql: &O) {
             let memory = InMemoryOutbox::new();
             enqueue_all(&memory, &s.messages(n, &destination)).await;
             let m = relay_rate(&s, &memory, &transport, n, *mode).await;
-            let store = sql.fresh().await;
-            enqueue_all(&store, &s.messages(n, &destination)).await;
-            let q = relay_rate(&s, &store, &transport, n, *mode).await;
-            let half = q / 2.0;
-            let count = ((half * 5.0) as usize).clamp(500, n);
-            let store = sql.fresh().await;
-            let (p50, p99) = relay_latency(
-                &s,
-                &store,
-                &transport,
-                &s.messages(count, &destination),
-                half,
-                *mode,
-            )
-            .await;
             println!(
-                "  {mode:?}: relay from memory {m:.0} msg/s ({:.2} of raw), from {} {q:.0} msg/s ({:.2}); \
-                 at {half:.0} msg/s commit->ack p50 {} p99 {}",
-                m / raw,
-                sql.name(),
-                q / raw,
-                ms(p50.as_secs_f64()),
-                ms(p99.as_secs_f64()),
+                "  {mode:?}: relay from memory {m:.0} msg/s ({:.2} of raw)",
+                m / raw
             );
             f.memory.push(m);
-            f.sql.push(q);
             f.memory_ratio.push(m / raw);
-            f.sql_ratio.push(q / raw);
-            f.p50.push(p50.as_secs_f64());
-            f.p99.push(p99.as_secs_f64());
-            f.rate.push(half);
+            measure_sql(
+                &s,
+                first,
+                &transport,
+                &destination,
+                *mode,
+                raw,
+                &mut f.first,
+            )
+            .await;
+            measure_sql(
+                &s,
+                second,
+                &transport,
+                &destination,
+                *mode,
+                raw,
+                &mut f.second,
+            )
+            .await;
         }
         broker.remove_destination(&destination).await;
     }
@@ -401,21 +474,11 @@ pub async fn run<B: BenchBroker, O: BenchOutbox>(broker: &B, sql: &O) {
     for (mode, f) in modes.iter().zip(figures) {
         println!("  relay, {mode:?}:");
         println!(
-            "    from the in-memory outbox    : {:>8.0} msg/s  ({:.2} of raw pipelined)",
+            "    from the in-memory outbox      : {:>8.0} msg/s  ({:.2} of raw pipelined)",
             median(f.memory),
             median(f.memory_ratio)
         );
-        println!(
-            "    from {:<22}: {:>8.0} msg/s  ({:.2} of raw pipelined)",
-            sql.name(),
-            median(f.sql),
-            median(f.sql_ratio)
-        );
-        println!(
-            "    commit -> ack at {:.0} msg/s  : p50 {}, p99 {}",
-            median(f.rate),
-            ms(median(f.p50)),
-            ms(median(f.p99))
-        );
+        print_sql(&first.name(), f.first);
+        print_sql(&second.name(), f.second);
     }
 }
