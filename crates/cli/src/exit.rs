@@ -6,9 +6,9 @@
 //! | 0 | success |
 //! | 1 | any other failure (fatal, not found) |
 //! | 2 | command-line usage error (from clap) |
-//! | 3 | conflict: wrong expected version, duplicate, not a dead letter, saga leased by a worker |
+//! | 3 | conflict: wrong expected version, duplicate, not a dead letter |
 //! | 4 | bad input: invalid stream id, malformed JSON or metadata, oversized payload |
-//! | 5 | unavailable: the database could not be reached; retrying may help |
+//! | 5 | unavailable: the database could not be reached, or a saga is leased by the worker driving it; retrying may help |
 
 use std::process::ExitCode;
 
