@@ -16,7 +16,6 @@ use vextrus_core::saga::{
 use vextrus_core::{EventAppender, EventReader, SnapshotStore};
 use vextrus_kernel::{AggregateId, CommandContext, Currency, Money, Quantity, Sku};
 use vextrus_order_to_cash::FaultInjector;
-use vextrus_order_to_cash::inventory::StockLine;
 use vextrus_order_to_cash::saga::{OrderToCashData, SAGA_TYPE, StepPolicy, definition};
 use vextrus_order_to_cash::sales::{OrderCommand, OrderLine, Sales};
 
@@ -92,17 +91,7 @@ where
         .execute(&order_id, place, &CommandContext::new())
         .await
         .unwrap();
-    OrderToCashData {
-        order_id,
-        lines: vec![StockLine {
-            sku: line.sku,
-            quantity: line.quantity,
-        }],
-        total: None,
-        payment_id: None,
-        shipment_id: None,
-        invoice_entry_id: None,
-    }
+    OrderToCashData::for_order(order_id, &[line])
 }
 
 fn reply(saga: SagaId, step: usize, kind: StepKind, outcome: ReplyOutcome) -> SagaReply {

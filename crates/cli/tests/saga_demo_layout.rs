@@ -27,7 +27,6 @@ use vextrus_core::{EventAppender, EventReader, SnapshotStore};
 use vextrus_kernel::{AggregateId, CommandContext, Currency, Money, Quantity, Sku};
 use vextrus_order_to_cash::FaultInjector;
 use vextrus_order_to_cash::demo::{ORCHESTRATOR_DB, sqlite_saga_store};
-use vextrus_order_to_cash::inventory::StockLine;
 use vextrus_order_to_cash::saga::{OrderToCashData, SAGA_TYPE, StepPolicy, definition};
 use vextrus_order_to_cash::sales::{OrderCommand, OrderLine, Sales};
 use vextrus_sqlite::SqliteEventStore;
@@ -96,17 +95,7 @@ where
         .execute(&order_id, place, &CommandContext::new())
         .await
         .unwrap();
-    OrderToCashData {
-        order_id,
-        lines: vec![StockLine {
-            sku: line.sku,
-            quantity: line.quantity,
-        }],
-        total: None,
-        payment_id: None,
-        shipment_id: None,
-        invoice_entry_id: None,
-    }
+    OrderToCashData::for_order(order_id, &[line])
 }
 
 /// An orchestrator on `store` whose order-to-cash saga acts on `sales`.

@@ -1040,13 +1040,7 @@ where
                     unit_price: Money::from_minor(price, line_currency),
                 });
             }
-            let stock_lines = lines
-                .iter()
-                .map(|l| StockLine {
-                    sku: l.sku.clone(),
-                    quantity: l.quantity,
-                })
-                .collect();
+            let data = OrderToCashData::for_order(order_id.clone(), &lines);
             let customer = format!("customer-{}", rng.below(500));
             if system.sales.load(&order_id).await?.is_none() {
                 let place = OrderCommand::Place {
@@ -1059,14 +1053,6 @@ where
                     .execute(&order_id, place, &CommandContext::new())
                     .await?;
             }
-            let data = OrderToCashData {
-                order_id: order_id.clone(),
-                lines: stock_lines,
-                total: None,
-                payment_id: None,
-                shipment_id: None,
-                invoice_entry_id: None,
-            };
             // Idempotent: the saga of an order already started stays as it is.
             let id = orchestrator
                 .start_with_id(saga_id_for(&order_id), SAGA_TYPE, &data)

@@ -42,7 +42,7 @@ use crate::error::Error;
 use crate::faults::FaultInjector;
 use crate::inventory::{InventoryCommand, StockLine};
 use crate::payment::PaymentCommand;
-use crate::sales::{OrderCommand, OrderError, Sales};
+use crate::sales::{OrderCommand, OrderError, OrderLine, Sales};
 use crate::shipping::ShippingCommand;
 
 /// The saga's type name.
@@ -86,6 +86,43 @@ pub struct OrderToCashData {
     pub shipment_id: Option<String>,
     /// The invoice's entry id, once posted.
     pub invoice_entry_id: Option<String>,
+}
+
+impl OrderToCashData {
+    /// The data a saga starts with for an order placed in Sales with
+    /// `lines`: what inventory and shipping need of each line, nothing
+    /// validated, authorized, shipped or invoiced yet.
+    ///
+    /// ```
+    /// use vextrus_kernel::{AggregateId, Currency, Money, Quantity, Sku};
+    /// use vextrus_order_to_cash::saga::OrderToCashData;
+    /// use vextrus_order_to_cash::sales::OrderLine;
+    ///
+    /// let line = OrderLine {
+    ///     sku: Sku::new("SKU-0001").unwrap(),
+    ///     quantity: Quantity::new(2).unwrap(),
+    ///     unit_price: Money::from_minor(1_250, Currency::USD),
+    /// };
+    /// let data = OrderToCashData::for_order(AggregateId::new("order-1").unwrap(), &[line]);
+    /// assert_eq!(data.lines[0].quantity, Quantity::new(2).unwrap());
+    /// assert!(data.total.is_none() && data.payment_id.is_none());
+    /// ```
+    pub fn for_order(order_id: AggregateId, lines: &[OrderLine]) -> Self {
+        Self {
+            order_id,
+            lines: lines
+                .iter()
+                .map(|l| StockLine {
+                    sku: l.sku.clone(),
+                    quantity: l.quantity,
+                })
+                .collect(),
+            total: None,
+            payment_id: None,
+            shipment_id: None,
+            invoice_entry_id: None,
+        }
+    }
 }
 
 /// Timeouts and retry budgets of the saga's steps.

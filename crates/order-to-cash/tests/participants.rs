@@ -581,6 +581,16 @@ async fn migrations_are_idempotent() {
     assert_eq!(w.accounting.migrate().await.unwrap(), 0);
 }
 
+/// How many units of `sku` are reserved.
+async fn reserved(w: &World, s: &str) -> i64 {
+    w.inventory
+        .stock_level(&sku(s))
+        .await
+        .unwrap()
+        .unwrap()
+        .reserved
+}
+
 /// The key a saga's step gets from the orchestrator.
 fn step_key(saga: SagaId, step: usize, kind: StepKind) -> vextrus_order_to_cash::IdempotencyKey {
     vextrus_order_to_cash::IdempotencyKey::new(idempotency_key(saga, step, kind)).unwrap()
@@ -654,28 +664,12 @@ async fn a_compensation_that_finds_nothing_fences_its_late_action() {
         )
         .await
         .unwrap();
-    assert_eq!(
-        w.inventory
-            .stock_level(&sku("A"))
-            .await
-            .unwrap()
-            .unwrap()
-            .reserved,
-        3
-    );
+    assert_eq!(reserved(&w, "A").await, 3);
     w.inventory
         .release(&step_key(saga2, 1, StepKind::Compensation), &o2)
         .await
         .unwrap();
-    assert_eq!(
-        w.inventory
-            .stock_level(&sku("A"))
-            .await
-            .unwrap()
-            .unwrap()
-            .reserved,
-        0
-    );
+    assert_eq!(reserved(&w, "A").await, 0);
     // Fences are not counted as keys: 2 receipts + release, authorize,
     // refund, void + reserve, release.
     assert_eq!(w.inventory.idempotency_keys().await.unwrap(), 5);

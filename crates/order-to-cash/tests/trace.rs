@@ -212,30 +212,21 @@ async fn run(scenario: &str, faults: FaultInjector, consumes: usize, steps: usiz
     let order_id = AggregateId::new(format!("order-{scenario}-1")).unwrap();
     let root = tracing::info_span!("place_order", order = %order_id);
     let saga = async {
+        let lines = vec![OrderLine {
+            sku: sku.clone(),
+            quantity: Quantity::new(1).unwrap(),
+            unit_price: Money::from_minor(1_250, Currency::USD),
+        }];
+        let data = OrderToCashData::for_order(order_id.clone(), &lines);
         let place = OrderCommand::Place {
             customer: "customer-1".into(),
             currency: Currency::USD,
-            lines: vec![OrderLine {
-                sku: sku.clone(),
-                quantity: Quantity::new(1).unwrap(),
-                unit_price: Money::from_minor(1_250, Currency::USD),
-            }],
+            lines,
         };
         sales
             .execute(&order_id, place, &CommandContext::new())
             .await
             .unwrap();
-        let data = OrderToCashData {
-            order_id: order_id.clone(),
-            lines: vec![StockLine {
-                sku: sku.clone(),
-                quantity: Quantity::new(1).unwrap(),
-            }],
-            total: None,
-            payment_id: None,
-            shipment_id: None,
-            invoice_entry_id: None,
-        };
         orchestrator.start(SAGA_TYPE, &data).await.unwrap()
     }
     .instrument(root)
