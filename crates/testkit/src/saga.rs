@@ -710,32 +710,27 @@ fn probe_transition(inst: &SagaInstance, token: u64, worker: &str) -> SagaTransi
     }
 }
 
+/// A saga of type `t`, version 1, with empty data, for the store-level
+/// cases that need no definition.
+fn probe_saga(id: SagaId) -> NewSaga {
+    NewSaga {
+        id,
+        saga_type: "t".into(),
+        version: 1,
+        data: json!({}),
+        trace_context: None,
+    }
+}
+
 /// Leases and fencing: a live lease keeps other claimers out; once it
 /// expires another worker claims with a higher token, and the stale
 /// worker's writes are rejected with `Fenced`, writing nothing.
 pub async fn stale_worker_is_fenced<B: SagaStoreBackend>(backend: &B) {
     let store = backend.fresh_store().await;
     let id = SagaId::new();
-    store
-        .create(NewSaga {
-            id,
-            saga_type: "t".into(),
-            version: 1,
-            data: json!({}),
-            trace_context: None,
-        })
-        .await
-        .unwrap();
+    store.create(probe_saga(id)).await.unwrap();
     assert!(matches!(
-        store
-            .create(NewSaga {
-                id,
-                saga_type: "t".into(),
-                version: 1,
-                data: json!({}),
-                trace_context: None,
-            })
-            .await,
+        store.create(probe_saga(id)).await,
         Err(SagaError::AlreadyExists(_))
     ));
 
@@ -797,16 +792,7 @@ pub async fn stale_worker_is_fenced<B: SagaStoreBackend>(backend: &B) {
 pub async fn claiming_commit_is_fenced<B: SagaStoreBackend>(backend: &B) {
     let store = backend.fresh_store().await;
     let id = SagaId::new();
-    store
-        .create(NewSaga {
-            id,
-            saga_type: "t".into(),
-            version: 1,
-            data: json!({}),
-            trace_context: None,
-        })
-        .await
-        .unwrap();
+    store.create(probe_saga(id)).await.unwrap();
     let lease = Duration::from_secs(30);
     let read = load(&store, id).await;
     let reply = uuid::Uuid::now_v7();
