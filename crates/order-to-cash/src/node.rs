@@ -384,13 +384,15 @@ pub fn relay_config(name: impl Into<String>) -> RelayConfig {
 }
 
 /// The fallback poll of relays woken by LISTEN/NOTIFY (PostgreSQL): every
-/// enqueue notifies at commit, so the poll only covers a lost notification
-/// or a retry's backoff coming due.
+/// enqueuer notifies after its commits (coalesced), so the poll only covers
+/// a lost notification or a retry's backoff coming due.
 pub const LISTENING_POLL_INTERVAL: Duration = Duration::from_millis(500);
 
-/// [`relay_config`] for an outbox whose enqueues wake its relays
-/// (PostgreSQL's `NOTIFY vextrus_outbox`, delivered at commit, also for
-/// enqueues through [`vextrus_postgres::any::enqueue`]): the same, with a
+/// [`relay_config`] for an outbox whose enqueuers wake its relays
+/// (PostgreSQL's `NOTIFY vextrus_outbox`, sent after commits by
+/// `PgOutbox` and, for replies enqueued through
+/// [`vextrus_postgres::any::enqueue`], by [`participant::serve`]'s
+/// [`vextrus_postgres::any::RelayWaker`]): the same, with a
 /// [`LISTENING_POLL_INTERVAL`] fallback poll instead of 5 ms, and gauges
 /// refreshed every 5 s, so an idle relay costs a few statements a second,
 /// not hundreds.

@@ -309,7 +309,11 @@ impl ServeConfig {
 /// `config.concurrency` at once) and is acknowledged after its commit, or
 /// negatively acknowledged (redelivered after
 /// [`ServeConfig::redelivery_delay`]) when nothing was committed. The replies wait in the participant's outbox
-/// for its relay ([`vextrus_core::outbox::OutboxRelay`]).
+/// for its relay ([`vextrus_core::outbox::OutboxRelay`]); on PostgreSQL,
+/// `serve` wakes the relays after each commit that enqueued a reply (one
+/// coalesced `NOTIFY vextrus_outbox` through
+/// [`vextrus_postgres::any::RelayWaker`], not one inside every
+/// transaction), and relays also poll.
 ///
 /// ```
 /// use std::sync::Arc;
@@ -354,6 +358,15 @@ where
     S::Delivery: 'static,
 {
     let permits = Arc::new(tokio::sync::Semaphore::new(config.concurrency.max(1)));
+    // PostgreSQL: the reply's enqueue sends no NOTIFY inside the
+    // transaction (that would serialize the participants' commits); one
+    // coalesced wake-up after commits tells the relays instead.
+    let waker = match participant.database().backend() {
+        Backend::Postgres => Some(vextrus_postgres::any::RelayWaker::new(
+            participant.database().pool().clone(),
+        )),
+        Backend::Sqlite => None,
+    };
     while let Some(delivery) = source.next().await? {
         let permit = permits
             .clone()
@@ -361,6 +374,7 @@ where
             .await
             .map_err(|_| Error::invalid("serve", "semaphore closed"))?;
         let participant = participant.clone();
+        let waker = waker.clone();
         tokio::spawn(async move {
             let _permit = permit;
             // The participant's work and the reply it enqueues continue the
@@ -374,7 +388,13 @@ where
             let delivered =
                 tracing::Instrument::instrument(deliver(&*participant, message), span).await;
             match delivered {
-                Ok(Delivered::Replied(_) | Delivered::Duplicate) => {
+                Ok(Delivered::Replied(_)) => {
+                    if let Some(waker) = &waker {
+                        waker.wake();
+                    }
+                    let _ = delivery.ack().await;
+                }
+                Ok(Delivered::Duplicate) => {
                     let _ = delivery.ack().await;
                 }
                 Ok(Delivered::Poison(reason)) => {
@@ -411,7 +431,8 @@ impl ReplyOutbox {
     /// The relay settings for this outbox: [`crate::node::relay_config`]
     /// on SQLite (replies enqueued through the participant's own
     /// connections are found by polling), [`crate::node::listening_relay_config`]
-    /// on PostgreSQL (the enqueue's NOTIFY wakes the relay at commit).
+    /// on PostgreSQL ([`serve`] wakes the relay after commits with a
+    /// coalesced NOTIFY).
     pub fn relay_config(&self, name: impl Into<String>) -> RelayConfig {
         match self {
             ReplyOutbox::Sqlite(_) => crate::node::relay_config(name),

@@ -14,23 +14,31 @@
 //!   they drew their sequences, and a relay never sees a key's later row
 //!   before an earlier one;
 //! - `next_attempt_at` is `least(created_at, now())`, as `PgOutbox` sets it;
-//! - it queues `pg_notify('vextrus_outbox', '')` in the transaction, which
-//!   PostgreSQL delivers at commit (and drops on rollback), waking relays
-//!   LISTENing in every process;
-//! - all of it (duplicate check, locks, insert, notify) is one statement.
+//! - all of it (duplicate check, locks, insert) is one statement;
+//! - it does not notify inside the transaction: after committing, the
+//!   caller wakes relays with a [`RelayWaker`] (one coalesced
+//!   `pg_notify('vextrus_outbox', '')` from a background task, as
+//!   [`PgOutbox`](crate::PgOutbox) does after its own commits). PostgreSQL
+//!   holds a database-wide lock from a notifying transaction's pre-commit
+//!   until its commit is flushed, so a `NOTIFY` in every enqueuing
+//!   transaction would serialize their commits (no group commit). Relays
+//!   also poll, so a wake-up that is lost (or never sent) only delays.
 //!
 //! The `Any` driver binds only plain types, so the batch is sent as one
 //! JSON array (payloads in hex) and cast in SQL.
 
 use std::collections::HashSet;
+use std::sync::{Arc, OnceLock};
 
 use chrono::SecondsFormat;
-use sqlx::AnyConnection;
+use sqlx::{AnyConnection, AnyPool};
+use tokio::sync::mpsc;
 use vextrus_core::outbox::{OutboxError, OutboxResult, validate_outbound};
 use vextrus_core::transport::{MessageId, OutboundMessage};
 use vextrus_core::unit_of_work::InboxRecord;
 
 use crate::outbox::{KEY_LOCK_CLASS, OUTBOX_NOTIFY_CHANNEL, map_out};
+use crate::store::NOTIFY_COALESCE;
 
 /// Enqueues `messages` (in order) into `vextrus_outbox` through `conn`,
 /// which must be inside a transaction the caller commits. Same checks as
@@ -38,19 +46,24 @@ use crate::outbox::{KEY_LOCK_CLASS, OUTBOX_NOTIFY_CHANNEL, map_out};
 /// message that fails validation is [`OutboxError::InvalidMessage`], an id
 /// already stored (or twice in the batch) is
 /// [`OutboxError::DuplicateMessage`], and in both cases nothing is written.
+/// It sends no wake-up: after the commit, call [`RelayWaker::wake`] (relays
+/// that are not woken find the messages at their next poll).
 ///
 /// ```no_run
-/// use sqlx::{AnyConnection, Connection};
+/// use sqlx::{AnyPool, Connection};
 /// use vextrus_core::transport::OutboundMessage;
+/// use vextrus_postgres::any::RelayWaker;
 ///
 /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 /// sqlx::any::install_default_drivers();
-/// let mut conn = AnyConnection::connect("postgres://postgres@127.0.0.1:5432/svc").await?;
-/// let mut tx = conn.begin().await?;
+/// let pool = AnyPool::connect("postgres://postgres@127.0.0.1:5432/svc").await?;
+/// let waker = RelayWaker::new(pool.clone());
+/// let mut tx = pool.begin().await?;
 /// // ... the service's own SQL on &mut *tx ...
 /// let reply = OutboundMessage::new("replies", "saga-1", b"{}".to_vec());
 /// vextrus_postgres::any::enqueue(&mut tx, &[reply]).await?;
-/// tx.commit().await?; // relays LISTENing on vextrus_outbox wake now
+/// tx.commit().await?;
+/// waker.wake(); // relays LISTENing on vextrus_outbox wake shortly
 /// # Ok(()) }
 /// ```
 pub async fn enqueue(conn: &mut AnyConnection, messages: &[OutboundMessage]) -> OutboxResult<()> {
@@ -85,9 +98,12 @@ pub async fn enqueue(conn: &mut AnyConnection, messages: &[OutboundMessage]) -> 
             "created_at_ns": nanos,
         }));
     }
-    // One statement: the duplicate check, the advisory locks (only when no
-    // id is taken), the insert in batch order and the NOTIFY (delivered at
-    // commit). Before, this was 3 + one INSERT per message + a NOTIFY.
+    // One statement: the duplicate check (an index probe per message: a
+    // plain join let the planner hash-join against a sequential scan of the
+    // whole outbox on every enqueue), the advisory locks (only when no
+    // id is taken) and the insert in batch order. Before, this was 3 + one
+    // INSERT per message + a NOTIFY; the NOTIFY is now the caller's
+    // RelayWaker's, after commit.
     let (taken, inserted, race): (Option<String>, i64, Option<String>) = sqlx::query_as(
         "WITH m AS MATERIALIZED (
              SELECT * FROM json_to_recordset($1::json) AS m(
@@ -95,7 +111,11 @@ pub async fn enqueue(conn: &mut AnyConnection, messages: &[OutboundMessage]) -> 
                  headers jsonb, created_at timestamptz, created_at_ns bigint)
          ),
          taken AS MATERIALIZED (
-             SELECT m.id FROM m JOIN vextrus_outbox o ON o.id = m.id ORDER BY m.ord LIMIT 1
+             SELECT m.id
+               FROM m CROSS JOIN LATERAL (
+                        SELECT 1 FROM vextrus_outbox o WHERE o.id = m.id LIMIT 1
+                    ) AS hit
+              ORDER BY m.ord LIMIT 1
          ),
          locks AS MATERIALIZED (
              SELECT count(*) AS n FROM (
@@ -115,17 +135,13 @@ pub async fn enqueue(conn: &mut AnyConnection, messages: &[OutboundMessage]) -> 
               ORDER BY m.ord
              ON CONFLICT (id) DO NOTHING
              RETURNING id
-         ),
-         notified AS (
-             SELECT pg_notify($3, '') FROM (SELECT 1 FROM ins LIMIT 1) AS any_row
          )
          SELECT (SELECT id::text FROM taken),
-                (SELECT count(*) FROM ins) + 0 * (SELECT count(*) FROM notified),
-                (SELECT CASE WHEN count(*) < $4 THEN json_agg(id)::text END FROM ins)",
+                (SELECT count(*) FROM ins),
+                (SELECT CASE WHEN count(*) < $3 THEN json_agg(id)::text END FROM ins)",
     )
     .bind(serde_json::Value::from(rows).to_string())
     .bind(KEY_LOCK_CLASS)
-    .bind(OUTBOX_NOTIFY_CHANNEL)
     .bind(i64::try_from(messages.len()).unwrap_or(i64::MAX))
     .fetch_one(&mut *conn)
     .await
@@ -161,6 +177,73 @@ pub async fn enqueue(conn: &mut AnyConnection, messages: &[OutboundMessage]) -> 
         return Err(OutboxError::DuplicateMessage(id));
     }
     Ok(())
+}
+
+/// Wakes the outbox relays LISTENing on [`OUTBOX_NOTIFY_CHANNEL`] (in
+/// every process) after commits that enqueued through [`enqueue`]: one
+/// `pg_notify` from a background task on `pool`, shared by every wake-up
+/// requested while one is in flight or within [`NOTIFY_COALESCE`] of the
+/// last one (each `NOTIFY` is a committed transaction of its own, and
+/// notifying transactions' commits serialize on PostgreSQL's notify lock).
+/// A relay is woken within about one round trip plus [`NOTIFY_COALESCE`]
+/// of the commit; relays also poll, so a failed `NOTIFY` only delays.
+///
+/// Clones share the background task. On a SQLite pool, call nothing: its
+/// relays poll.
+///
+/// ```no_run
+/// use sqlx::AnyPool;
+/// use vextrus_postgres::any::RelayWaker;
+///
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// sqlx::any::install_default_drivers();
+/// let pool = AnyPool::connect("postgres://postgres@127.0.0.1:5432/svc").await?;
+/// let waker = RelayWaker::new(pool);
+/// // ... after each commit that enqueued:
+/// waker.wake();
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct RelayWaker {
+    pool: AnyPool,
+    sender: Arc<OnceLock<mpsc::Sender<()>>>,
+}
+
+impl RelayWaker {
+    /// A waker sending its `NOTIFY`s on `pool` (a PostgreSQL pool); its
+    /// task starts with the first [`wake`](Self::wake).
+    pub fn new(pool: AnyPool) -> Self {
+        Self {
+            pool,
+            sender: Arc::new(OnceLock::new()),
+        }
+    }
+
+    /// Asks for a wake-up of the relays; returns at once. Must be called
+    /// within a Tokio runtime.
+    pub fn wake(&self) {
+        let sender = self.sender.get_or_init(|| {
+            let (tx, mut rx) = mpsc::channel::<()>(1);
+            let pool = self.pool.clone();
+            tokio::spawn(async move {
+                while rx.recv().await.is_some() {
+                    if let Err(err) = sqlx::query("SELECT pg_notify($1, '')")
+                        .bind(OUTBOX_NOTIFY_CHANNEL)
+                        .execute(&pool)
+                        .await
+                    {
+                        tracing::debug!(error = %err, "vextrus: outbox NOTIFY failed; relays poll");
+                    }
+                    // Commits within the next few milliseconds share the
+                    // next wake-up.
+                    tokio::time::sleep(NOTIFY_COALESCE).await;
+                }
+            });
+            tx
+        });
+        // Full: a wake-up is already pending and covers this commit.
+        let _ = sender.try_send(());
+    }
 }
 
 /// Lower-case hex of `bytes` (payloads travel inside the statement's JSON).
@@ -286,7 +369,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn rows_written_through_any_are_the_native_outboxs_rows_and_wake_relays() {
+    async fn rows_written_through_any_are_the_native_outboxs_rows_and_the_waker_wakes_relays() {
         let db = Db::create().await;
         let (outbox, mut conn) = setup(&db).await;
         let mut wake: WakeUps = outbox.wake_ups().await.unwrap();
@@ -302,12 +385,23 @@ mod tests {
         let mut tx = conn.begin().await.unwrap();
         enqueue(&mut tx, &[a.clone(), b.clone()]).await.unwrap();
         tx.commit().await.unwrap();
-        let started = std::time::Instant::now();
-        wake.wait(Duration::from_secs(5)).await;
+        // The enqueue itself notifies nobody (no NOTIFY in the transaction)...
         assert!(
-            started.elapsed() < Duration::from_secs(4),
-            "the commit's NOTIFY woke no relay"
+            !wake.wait(Duration::from_millis(1500)).await,
+            "the enqueuing transaction sent a NOTIFY"
         );
+        // ... the waker does, after the commit; wake-ups asked for at once
+        // share one NOTIFY.
+        let pool = sqlx::AnyPool::connect(&db.url).await.unwrap();
+        let waker = RelayWaker::new(pool.clone());
+        for _ in 0..10 {
+            waker.clone().wake();
+        }
+        assert!(
+            wake.wait(Duration::from_secs(5)).await,
+            "the waker's NOTIFY woke no relay"
+        );
+        pool.close().await;
 
         let rows = outbox.rows().await.unwrap();
         let got: Vec<_> = rows.iter().map(|r| r.message.clone()).collect();

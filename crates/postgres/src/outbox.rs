@@ -139,7 +139,10 @@ impl PgOutbox {
 
     /// Wakes relay workers LISTENing on [`OUTBOX_NOTIFY_CHANNEL`] (in every
     /// process): one `pg_notify` from a background task, shared with any
-    /// other wake-up requested while one is in flight. The outbox does this
+    /// other wake-up requested while one is in flight or within
+    /// [`NOTIFY_COALESCE`](crate::NOTIFY_COALESCE) of the last one (each
+    /// `NOTIFY` is a transaction of its own, and notifying transactions'
+    /// commits serialize on PostgreSQL's notify lock). The outbox does this
     /// after its own commits; call it after committing a transaction of
     /// your own that enqueued with `enqueue_in_tx`. Without it relays still
     /// see the messages at their next poll. Must be called within a Tokio
@@ -157,6 +160,9 @@ impl PgOutbox {
                     {
                         tracing::debug!(error = %err, "vextrus: outbox NOTIFY failed; relays poll");
                     }
+                    // Commits within the next few milliseconds share the
+                    // next wake-up.
+                    tokio::time::sleep(crate::store::NOTIFY_COALESCE).await;
                 }
             });
             tx
