@@ -30,6 +30,9 @@
 //!   each statement it executes, `BEGIN` and `COMMIT` included) counted by a
 //!   subscriber layer in this process while the orders run, per statement
 //!   text, divided by the orders;
+//! - CPU: cores used by this process, by PostgreSQL's processes, by
+//!   nats-server and by everything else over the measured phase, from
+//!   `/proc/<pid>/stat` (Linux);
 //! - the bound: in the same run, single-row `INSERT` transactions
 //!   (`BEGIN; INSERT; COMMIT` through a sqlx `PgPool`) from 16 and from 32
 //!   concurrent tasks on pools of that size for 3 s each; bound = the
@@ -341,6 +344,8 @@ struct RunResult {
     idle_statements_per_s: f64,
     raw16: f64,
     raw32: f64,
+    /// Cores used during the measured phase: bench, PostgreSQL, NATS, other.
+    cpu: (f64, f64, f64, f64),
     by_text: HashMap<String, u64>,
 }
 
@@ -397,6 +402,90 @@ fn median(mut v: Vec<f64>) -> f64 {
         v[n / 2]
     } else {
         (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Where the CPU goes.
+
+/// CPU time (clock ticks) per group: this process, PostgreSQL's processes,
+/// nats-server, everything else; from `/proc/<pid>/stat` (Linux; empty
+/// elsewhere). Processes that start and end between two snapshots are
+/// missed.
+#[derive(Debug, Clone, Copy, Default)]
+struct CpuTicks {
+    bench: u64,
+    postgres: u64,
+    nats: u64,
+    other: u64,
+}
+
+impl CpuTicks {
+    fn now() -> HashMap<u32, (String, u64)> {
+        let mut out = HashMap::new();
+        let Ok(dir) = std::fs::read_dir("/proc") else {
+            return out;
+        };
+        for entry in dir.flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                continue;
+            };
+            let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+                continue;
+            };
+            let comm = stat[open + 1..close].to_owned();
+            let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+            // utime and stime: fields 14 and 15 of stat, 11 and 12 after comm.
+            let ticks = fields
+                .get(11)
+                .zip(fields.get(12))
+                .and_then(|(u, s)| Some(u.parse::<u64>().ok()? + s.parse::<u64>().ok()?))
+                .unwrap_or(0);
+            out.insert(pid, (comm, ticks));
+        }
+        out
+    }
+
+    /// The ticks spent between two snapshots, per group.
+    fn between(a: &HashMap<u32, (String, u64)>, b: &HashMap<u32, (String, u64)>) -> Self {
+        let me = std::process::id();
+        let mut t = CpuTicks::default();
+        for (pid, (comm, ticks)) in b {
+            let before = match a.get(pid) {
+                Some((c, v)) if c == comm => *v,
+                _ => 0,
+            };
+            let d = ticks.saturating_sub(before);
+            if *pid == me {
+                t.bench += d;
+            } else if comm == "postgres" || comm == "postmaster" {
+                t.postgres += d;
+            } else if comm.starts_with("nats-server") {
+                t.nats += d;
+            } else {
+                t.other += d;
+            }
+        }
+        t
+    }
+
+    /// Cores used over `elapsed`: (bench, postgres, nats, other).
+    fn cores(&self, elapsed: Duration) -> (f64, f64, f64, f64) {
+        // Linux reports in USER_HZ, 100 on every common configuration.
+        let per = |v: u64| v as f64 / 100.0 / elapsed.as_secs_f64().max(1e-9);
+        (
+            per(self.bench),
+            per(self.postgres),
+            per(self.nats),
+            per(self.other),
+        )
     }
 }
 
@@ -642,6 +731,7 @@ async fn measure<B: Broker>(
     // The measured phase.
     let (start_xacts, start_rollbacks) = xacts(admin, dbname).await?;
     counter.start();
+    let cpu_before = CpuTicks::now();
     let began = Instant::now();
     let gate = Arc::new(Semaphore::new(settings.concurrency));
     let mut rng = Rng(0x5a6a_6265_6e63_6821);
@@ -695,6 +785,7 @@ async fn measure<B: Broker>(
         }
     }
     let elapsed = last.duration_since(began);
+    let cpu = CpuTicks::between(&cpu_before, &CpuTicks::now()).cores(began.elapsed());
     let (statements, by_text) = counter.stop();
 
     // Stop everything, close every pool (each backend flushes its counters
@@ -746,6 +837,7 @@ async fn measure<B: Broker>(
         idle_statements_per_s,
         raw16,
         raw32,
+        cpu,
         by_text,
     })
 }
@@ -806,7 +898,7 @@ async fn main() -> Res<()> {
         load_average()
     );
     println!(
-        "{:<9} {:>3} {:>6} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>8} {:>6} {:>8} {:>7} {:>9} {:>6}",
+        "{:<9} {:>3} {:>6} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>8} {:>6} {:>8} {:>7} {:>9} {:>6} cpu bench/pg/nats/other",
         "transport",
         "run",
         "done",
@@ -823,7 +915,7 @@ async fn main() -> Res<()> {
         "bound_tx",
         "ratio_tx",
         "idle x/s",
-        "load1"
+        "load1",
     );
     let mut failed = false;
     for transport in &settings.transports {
@@ -832,7 +924,7 @@ async fn main() -> Res<()> {
             let r = one_run(&settings, transport, run).await?;
             failed |= r.not_completed > 0;
             println!(
-                "{:<9} {:>3} {:>6} {:>8.1} {:>8.1} {:>8.1} {:>8.2} {:>8.2} {:>9.2} {:>9.0} {:>9.0} {:>8.1} {:>6.3} {:>8.1} {:>7.3} {:>9.0} {:>6}",
+                "{:<9} {:>3} {:>6} {:>8.1} {:>8.1} {:>8.1} {:>8.2} {:>8.2} {:>9.2} {:>9.0} {:>9.0} {:>8.1} {:>6.3} {:>8.1} {:>7.3} {:>9.0} {:>6} {:.2}/{:.2}/{:.2}/{:.2}",
                 transport,
                 run,
                 r.completed,
@@ -850,6 +942,10 @@ async fn main() -> Res<()> {
                 r.ratio_tx(),
                 r.idle_xacts_per_s,
                 load_average().split(' ').next().unwrap_or("?"),
+                r.cpu.0,
+                r.cpu.1,
+                r.cpu.2,
+                r.cpu.3,
             );
             results.push(r);
         }
