@@ -11,8 +11,8 @@
 //! drops the database. The raw baselines insert and select the very same
 //! row shape into a table created `LIKE vextrus_events INCLUDING ALL` (same
 //! columns, defaults, indexes), so the ratio is the cost of the store's
-//! mechanism: the expected-version check (a max(stream_version) look-up on
-//! the events' own unique index), idempotency handling, NOTIFY, the
+//! mechanism: the expected-version check (a look-up on the events' own
+//! unique `(stream_id, stream_version)` index), idempotency handling, NOTIFY, the
 //! read horizon and metadata decoding.
 
 use std::future::Future;

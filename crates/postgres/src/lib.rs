@@ -22,7 +22,12 @@
 //! if the first went in. Two appends racing at one version both read n; one
 //! inserts n + 1, the other's insert meets that row, waits for the winner's
 //! transaction and writes nothing, so versions stay contiguous without a
-//! second row per stream. Only when nothing was written does a function
+//! second row per stream. A pooled single event at an exact expectation n
+//! (the usual command-handler append) probes version n by key instead of
+//! reading the maximum and inserts n + 1 with a plain `INSERT` (cheaper
+//! than `ON CONFLICT` on the server); the race's loser gets a unique
+//! violation that ends only its own autocommit statement and is handled as
+//! "nothing written". Only when nothing was written does a function
 //! (`vextrus_append_outcome`) tell a typed conflict (with the actual
 //! version) from an idempotent re-append or a partial duplicate; an `Any`
 //! or `StreamExists` append that merely lost a race tries again. Every path
