@@ -875,6 +875,19 @@ async fn insert_single(
     } else {
         APPEND_SINGLE
     };
+    run_single(conn, sql, stream_id, expected, args).await
+}
+
+/// Runs a single-event append statement (`$1` stream, `$2`–`$6` the event,
+/// `$7` the expectation's code; returning position, commit and version);
+/// `None`: nothing written.
+async fn run_single(
+    conn: &mut PgConnection,
+    sql: &'static str,
+    stream_id: &StreamId,
+    expected: ExpectedVersion,
+    args: &AppendArgs,
+) -> std::result::Result<Option<AppendResult>, AppendFailure> {
     let row = sqlx::query(sql)
         .bind(stream_id.as_str())
         .bind(args.ids[0])
@@ -926,29 +939,7 @@ async fn insert_single_exact(
     expected: ExpectedVersion,
     args: &AppendArgs,
 ) -> std::result::Result<Option<AppendResult>, AppendFailure> {
-    let row = sqlx::query(APPEND_SINGLE_EXACT)
-        .bind(stream_id.as_str())
-        .bind(args.ids[0])
-        .bind(&args.types[0])
-        .bind(args.schema_versions[0])
-        .bind(&args.payloads[0])
-        .bind(&args.metadata[0])
-        .bind(expected_code(expected))
-        .fetch_optional(conn)
-        .await
-        .map_err(|e| append_error(e, stream_id, expected))?;
-    let Some(row) = row else { return Ok(None) };
-    let get = |e: sqlx::Error| AppendFailure::Store(map_sqlx(e));
-    let position: i64 = row.try_get(0).map_err(get)?;
-    let commit: i64 = row.try_get(1).map_err(get)?;
-    let version: i64 = row.try_get(2).map_err(get)?;
-    let at = GlobalPosition::new(to_u64(commit), to_u64(position));
-    Ok(Some(AppendResult {
-        first_version: to_u64(version),
-        last_version: to_u64(version),
-        first_position: at,
-        last_position: at,
-    }))
+    run_single(conn, APPEND_SINGLE_EXACT, stream_id, expected, args).await
 }
 
 /// Inserts a batch (see [`APPEND_BATCH`]); `None`: nothing written.
