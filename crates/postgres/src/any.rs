@@ -28,17 +28,15 @@
 //! JSON array (payloads in hex) and cast in SQL.
 
 use std::collections::HashSet;
-use std::sync::{Arc, OnceLock};
 
 use chrono::SecondsFormat;
 use sqlx::{AnyConnection, AnyPool};
-use tokio::sync::mpsc;
 use vextrus_core::outbox::{OutboxError, OutboxResult, validate_outbound};
 use vextrus_core::transport::{MessageId, OutboundMessage};
 use vextrus_core::unit_of_work::InboxRecord;
 
+use crate::notifier::{CoalescingNotifier, pg_notify};
 use crate::outbox::{KEY_LOCK_CLASS, OUTBOX_NOTIFY_CHANNEL, map_out};
-use crate::store::NOTIFY_COALESCE;
 
 /// Enqueues `messages` (in order) into `vextrus_outbox` through `conn`,
 /// which must be inside a transaction the caller commits. Same checks as
@@ -182,10 +180,10 @@ pub async fn enqueue(conn: &mut AnyConnection, messages: &[OutboundMessage]) -> 
 /// Wakes the outbox relays LISTENing on [`OUTBOX_NOTIFY_CHANNEL`] (in
 /// every process) after commits that enqueued through [`enqueue`]: one
 /// `pg_notify` from a background task on `pool`, shared by every wake-up
-/// requested while one is in flight or within [`NOTIFY_COALESCE`] of the
+/// requested while one is in flight or within [`NOTIFY_COALESCE`](crate::NOTIFY_COALESCE) of the
 /// last one (each `NOTIFY` is a committed transaction of its own, and
 /// notifying transactions' commits serialize on PostgreSQL's notify lock).
-/// A relay is woken within about one round trip plus [`NOTIFY_COALESCE`]
+/// A relay is woken within about one round trip plus [`NOTIFY_COALESCE`](crate::NOTIFY_COALESCE)
 /// of the commit; relays also poll, so a failed `NOTIFY` only delays.
 ///
 /// Clones share the background task. On a SQLite pool, call nothing: its
@@ -206,7 +204,7 @@ pub async fn enqueue(conn: &mut AnyConnection, messages: &[OutboundMessage]) -> 
 #[derive(Debug, Clone)]
 pub struct RelayWaker {
     pool: AnyPool,
-    sender: Arc<OnceLock<mpsc::Sender<()>>>,
+    notifier: CoalescingNotifier,
 }
 
 impl RelayWaker {
@@ -215,34 +213,15 @@ impl RelayWaker {
     pub fn new(pool: AnyPool) -> Self {
         Self {
             pool,
-            sender: Arc::new(OnceLock::new()),
+            notifier: CoalescingNotifier::default(),
         }
     }
 
     /// Asks for a wake-up of the relays; returns at once. Must be called
     /// within a Tokio runtime.
     pub fn wake(&self) {
-        let sender = self.sender.get_or_init(|| {
-            let (tx, mut rx) = mpsc::channel::<()>(1);
-            let pool = self.pool.clone();
-            tokio::spawn(async move {
-                while rx.recv().await.is_some() {
-                    if let Err(err) = sqlx::query("SELECT pg_notify($1, '')")
-                        .bind(OUTBOX_NOTIFY_CHANNEL)
-                        .execute(&pool)
-                        .await
-                    {
-                        tracing::debug!(error = %err, "vextrus: outbox NOTIFY failed; relays poll");
-                    }
-                    // Commits within the next few milliseconds share the
-                    // next wake-up.
-                    tokio::time::sleep(NOTIFY_COALESCE).await;
-                }
-            });
-            tx
-        });
-        // Full: a wake-up is already pending and covers this commit.
-        let _ = sender.try_send(());
+        self.notifier
+            .request(|| pg_notify(self.pool.clone(), OUTBOX_NOTIFY_CHANNEL));
     }
 }
 

@@ -100,6 +100,7 @@ pub mod any;
 mod error;
 mod inbox;
 mod migrate;
+mod notifier;
 mod outbox;
 mod projection;
 mod saga;

@@ -9,7 +9,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use sqlx::postgres::{PgListener, PgRow};
 use sqlx::{PgConnection, Row};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use vextrus_core::outbox::{
     ClaimRequest, DeadLetterPolicy, DeadLetters, FailureOutcome, OutboxClaimer, OutboxError,
     OutboxMessage, OutboxResult, OutboxRetention, OutboxStatus, OutboxStatusReport, OutboxStore,
@@ -20,6 +20,7 @@ use vextrus_core::{EventStoreError, WakeUps};
 
 use crate::error::map_sqlx;
 use crate::migrate::Migration;
+use crate::notifier::{CoalescingNotifier, pg_notify};
 use crate::store::PgEventStore;
 
 /// The LISTEN/NOTIFY channel the outbox notifies on after enqueues (and
@@ -106,7 +107,7 @@ pub(crate) const ROW_COLUMNS: &str = "sequence, id, destination, partition_key, 
 pub struct PgOutbox {
     pub(crate) store: PgEventStore,
     wake: Arc<OnceLock<watch::Receiver<u64>>>,
-    notifier: Arc<OnceLock<mpsc::Sender<()>>>,
+    notifier: CoalescingNotifier,
 }
 
 impl PgOutbox {
@@ -115,7 +116,7 @@ impl PgOutbox {
         Self {
             store,
             wake: Arc::new(OnceLock::new()),
-            notifier: Arc::new(OnceLock::new()),
+            notifier: CoalescingNotifier::default(),
         }
     }
 
@@ -148,27 +149,8 @@ impl PgOutbox {
     /// see the messages at their next poll. Must be called within a Tokio
     /// runtime.
     pub fn notify_relays(&self) {
-        let tx = self.notifier.get_or_init(|| {
-            let (tx, mut rx) = mpsc::channel::<()>(1);
-            let pool = self.pool().clone();
-            tokio::spawn(async move {
-                while rx.recv().await.is_some() {
-                    if let Err(err) = sqlx::query("SELECT pg_notify($1, '')")
-                        .bind(OUTBOX_NOTIFY_CHANNEL)
-                        .execute(&pool)
-                        .await
-                    {
-                        tracing::debug!(error = %err, "vextrus: outbox NOTIFY failed; relays poll");
-                    }
-                    // Commits within the next few milliseconds share the
-                    // next wake-up.
-                    tokio::time::sleep(crate::store::NOTIFY_COALESCE).await;
-                }
-            });
-            tx
-        });
-        // Full: a wake-up is already pending and covers this commit.
-        let _ = tx.try_send(());
+        self.notifier
+            .request(|| pg_notify(self.pool().clone(), OUTBOX_NOTIFY_CHANNEL));
     }
 
     /// Every outbox row (any status), in sequence order.

@@ -6,7 +6,7 @@ use std::time::Duration;
 use futures::{StreamExt, TryStreamExt, stream};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
 use sqlx::{PgConnection, PgPool, Postgres, Row, Transaction};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use uuid::Uuid;
 use vextrus_core::{
     AppendResult, DEFAULT_MAX_PAYLOAD_BYTES, EventFilter, EventReader, EventStoreError,
@@ -16,6 +16,7 @@ use vextrus_core::{
 use vextrus_kernel::{EventId, EventMetadata};
 
 use crate::error::{EVENT_ID_KEY, map_sqlx, unique_violation};
+use crate::notifier::{CoalescingNotifier, pg_notify};
 
 /// The LISTEN/NOTIFY channel appends notify on.
 pub const NOTIFY_CHANNEL: &str = "vextrus_events";
@@ -190,7 +191,7 @@ pub struct PgEventStore {
     pub(crate) pool: PgPool,
     pub(crate) config: Arc<PgStoreConfig>,
     pub(crate) wake: Arc<OnceLock<watch::Receiver<u64>>>,
-    notifier: Arc<OnceLock<mpsc::Sender<()>>>,
+    notifier: CoalescingNotifier,
 }
 
 /// The columns every event read selects, in the order [`decode_event`] reads them.
@@ -211,7 +212,7 @@ impl PgEventStore {
             pool,
             config: Arc::new(config),
             wake: Arc::new(OnceLock::new()),
-            notifier: Arc::new(OnceLock::new()),
+            notifier: CoalescingNotifier::default(),
         }
     }
 
@@ -388,27 +389,8 @@ impl PgEventStore {
     /// [`PgEventStore::append_in_tx`]. Without it subscribers still see the
     /// events at their next poll. Must be called within a Tokio runtime.
     pub fn notify_subscribers(&self) {
-        let tx = self.notifier.get_or_init(|| {
-            let (tx, mut rx) = mpsc::channel::<()>(1);
-            let pool = self.pool.clone();
-            tokio::spawn(async move {
-                while rx.recv().await.is_some() {
-                    if let Err(err) = sqlx::query("SELECT pg_notify($1, '')")
-                        .bind(NOTIFY_CHANNEL)
-                        .execute(&pool)
-                        .await
-                    {
-                        tracing::debug!(error = %err, "vextrus: NOTIFY failed; subscribers poll");
-                    }
-                    // Appends that commit in the next few milliseconds share
-                    // the next wake-up (one NOTIFY is a commit of its own).
-                    tokio::time::sleep(NOTIFY_COALESCE).await;
-                }
-            });
-            tx
-        });
-        // Full: a wake-up is already pending and will cover this commit.
-        let _ = tx.try_send(());
+        self.notifier
+            .request(|| pg_notify(self.pool.clone(), NOTIFY_CHANNEL));
     }
 
     /// One page of a stream read.
