@@ -71,6 +71,11 @@ fn fails(args: &[&str], env: &[(&str, &str)], code: i32, needles: &[&str]) {
     assert!(out.stdout.is_empty(), "{args:?}: printed on failure");
 }
 
+/// Every event in the global log of the database at `url`.
+fn global_log(url: &str) -> Vec<Value> {
+    ok(&["events", "tail", "--no-follow", "--database-url", url])
+}
+
 fn sqlite(path: &Path) -> String {
     format!("sqlite:{}", path.display())
 }
@@ -158,16 +163,7 @@ fn retry_and_abort_on_the_demo_layout_act_on_sales_db() {
     let demo_sagas = ok(&["saga", "list", "--database-url", &orchestrator_db]);
     assert_eq!(demo_sagas.len(), 4);
     // The demo keeps no Sales events in the saga store's file.
-    assert!(
-        ok(&[
-            "events",
-            "tail",
-            "--no-follow",
-            "--database-url",
-            &orchestrator_db
-        ])
-        .is_empty()
-    );
+    assert!(global_log(&orchestrator_db).is_empty());
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -318,16 +314,7 @@ fn retry_and_abort_on_the_demo_layout_act_on_sales_db() {
     for order in orders {
         assert!(event_types(&orchestrator_db, &format!("order-{order}")).is_empty());
     }
-    assert!(
-        ok(&[
-            "events",
-            "tail",
-            "--no-follow",
-            "--database-url",
-            &orchestrator_db
-        ])
-        .is_empty()
-    );
+    assert!(global_log(&orchestrator_db).is_empty());
     // The demo's own sagas are untouched.
     let after = ok(&["saga", "list", "--database-url", &orchestrator_db]);
     assert_eq!(after.len(), 7);

@@ -417,16 +417,13 @@ where
     B: Broker,
     P: Participant + 'static,
 {
-    let source = broker.subscribe(destination, P::NAME).await?;
-    let relay = outbox.spawn_relay(
+    let mut running =
+        start_participant_served_by_shared_relay(broker, participant, destination, serve).await?;
+    running.relay = Some(outbox.spawn_relay(
         broker.transport(),
         outbox.relay_config(format!("{}-relay-{}", P::NAME, std::process::id())),
-    );
-    let serve = tokio::spawn(participant::serve(participant, source, serve));
-    Ok(RunningParticipant {
-        serve,
-        relay: Some(relay),
-    })
+    ));
+    Ok(running)
 }
 
 /// Starts `participant`'s serving loop on `destination` without a relay of
