@@ -193,3 +193,51 @@ async fn the_demo_runs_on_postgres_and_keeps_every_invariant() {
     assert_same_outcome(&report, &again);
     drop_database(db, &name).await;
 }
+
+/// A saga step's action racing its own compensation (the orchestrator timed
+/// the step out and compensates while the command is still on its way):
+/// whichever commits first, nothing stays reserved — either the release
+/// undoes the reservation, or the release fences the key and the late
+/// reserve is refused with `Error::Fenced`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_action_racing_its_compensation_leaves_nothing_reserved_on_postgres() {
+    use vextrus_core::saga::{SagaId, StepKind, idempotency_key};
+    use vextrus_order_to_cash::{Error, IdempotencyKey};
+
+    let (db, name) = fresh_database().await;
+    let inventory = Arc::new(Inventory::new(
+        db.clone(),
+        Arc::new(FaultInjector::disabled()),
+    ));
+    inventory.migrate().await.unwrap();
+    inventory
+        .receive(&key("po"), line("A", 1_000))
+        .await
+        .unwrap();
+    let step_key = |saga, kind| IdempotencyKey::new(idempotency_key(saga, 1, kind)).unwrap();
+    let (mut fenced, mut undone) = (0, 0);
+    for n in 0..40 {
+        let saga = SagaId::new();
+        let o = order(&format!("o{n}"));
+        let (a, c) = (inventory.clone(), inventory.clone());
+        let (ka, kc) = (
+            step_key(saga, StepKind::Action),
+            step_key(saga, StepKind::Compensation),
+        );
+        let (o1, o2) = (o.clone(), o.clone());
+        let action = tokio::spawn(async move { a.reserve(&ka, &o1, vec![line("A", 2)]).await });
+        let compensation = tokio::spawn(async move { c.release(&kc, &o2).await });
+        let (action, compensation) = (action.await.unwrap(), compensation.await.unwrap());
+        compensation.unwrap();
+        match action {
+            Ok(InventoryReply::Reserved { .. }) => undone += 1,
+            Err(Error::Fenced { .. }) => fenced += 1,
+            other => panic!("{other:?}"),
+        }
+        let level = inventory.stock_level(&sku("A")).await.unwrap().unwrap();
+        assert_eq!((level.on_hand, level.reserved), (1_000, 0), "round {n}");
+    }
+    assert_eq!(fenced + undone, 40);
+    drop(inventory);
+    drop_database(db, &name).await;
+}
