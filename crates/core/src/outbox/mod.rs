@@ -13,11 +13,14 @@
 //!   [`Transport`](crate::transport::Transport) behind a circuit breaker,
 //!   and settle; failures are rescheduled in the store with exponential
 //!   backoff and full jitter ([`Backoff`]), so a crash loses nothing.
+//! - [`lanes`]: how the SQL outboxes let relays claim and settle a batch
+//!   with one lane update instead of two writes per message.
 //! - [`InMemoryOutbox`]: every trait here, plus the unit of work and the
 //!   inbox, in memory.
 
 pub mod backoff;
 pub mod error;
+pub mod lanes;
 pub mod memory;
 pub mod message;
 pub mod metrics;
@@ -26,6 +29,7 @@ pub mod store;
 
 pub use backoff::Backoff;
 pub use error::OutboxError;
+pub use lanes::{LaneAdvance, LaneLedger, LanePlan, LaneRow, OUTBOX_LANES, lane_of};
 pub use memory::{InMemoryOutbox, InMemoryUnitOfWorkTx};
 pub use message::{OutboxMessage, OutboxStatus, validate_outbound};
 pub use relay::{BatchReport, KeyPipelining, OutboxRelay, RelayConfig, RelayHandle};
