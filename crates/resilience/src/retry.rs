@@ -5,8 +5,12 @@
 //! uniformly from `[0, cap_n]` with
 //! `cap_n = min(max_delay, min_delay * factor^(n-1))` after the `n`-th failed
 //! attempt; it spreads competing callers out best and never waits longer than
-//! the cap. (Additive jitter, `d + U[0, d)`, as backon's own builder adds, is
-//! not full jitter.) Everything else here is classification and wiring:
+//! the cap. The issue that asked for this crate suggested `backon` for the
+//! arithmetic; it is not used: its builder's jitter is additive,
+//! `d + U[0, d)`, which is not full jitter, and the saga engine and the
+//! outbox need the cap of attempt `n` as a number to store (a due time),
+//! where backon only offers an iterator of delays. The formula is a few lines
+//! in [`crate::backoff`]. Everything else here is classification and wiring:
 //!
 //! - Only errors whose [`ErrorKind`] is in the retryable set are retried, by
 //!   default [`ErrorKind::Transient`] alone. [`ErrorKind::Conflict`] is not
@@ -322,7 +326,6 @@ fn give_up(reason: &'static str) {
     ::metrics::counter!(names::RETRY_GIVE_UPS_TOTAL, names::LABEL_REASON => reason).increment(1);
 }
 
-/// A delay drawn uniformly from `[0, cap]`, to the nanosecond.
 /// Where one retried call is: which attempt, and since when.
 #[derive(Debug)]
 struct RetryState {

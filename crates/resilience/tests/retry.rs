@@ -302,3 +302,55 @@ async fn tower_layer_returns_the_first_success() {
         "order-7 on attempt 3"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_waits_between_attempts_are_the_drawn_delays_within_their_caps() {
+    // The test above checks the delays the policy reports; this one checks
+    // the time that actually passes between attempts on the paused clock.
+    let (events, hook) = recorder();
+    let min = Duration::from_millis(100);
+    let max = Duration::from_millis(1_600);
+    let policy = RetryPolicy::new()
+        .min_delay(min)
+        .factor(2.0)
+        .max_delay(max)
+        .max_attempts(9)
+        .without_max_elapsed()
+        .on_retry(hook);
+    for _ in 0..20 {
+        events.lock().unwrap().clear();
+        let starts = Mutex::new(Vec::new());
+        let result: Result<(), TestError> = retry(&policy, || {
+            starts.lock().unwrap().push(Instant::now());
+            async { Err(TestError::transient()) }
+        })
+        .await;
+        assert!(result.is_err());
+        let starts = starts.into_inner().unwrap();
+        let events = events.lock().unwrap();
+        assert_eq!((starts.len(), events.len()), (9, 8));
+        for (n, (pair, event)) in starts.windows(2).zip(events.iter()).enumerate() {
+            let waited = pair[1] - pair[0];
+            // Caps 100, 200, 400, 800 ms, then 1.6 s (max_delay).
+            let cap = (min * 2u32.pow(u32::try_from(n).unwrap())).min(max);
+            assert_eq!(event.cap, cap);
+            assert!(
+                event.delay <= cap,
+                "drawn {:?} over cap {cap:?}",
+                event.delay
+            );
+            // tokio's timer rounds a deadline up to the next millisecond.
+            assert!(
+                waited >= event.delay && waited < event.delay + Duration::from_millis(1),
+                "attempt {}: waited {waited:?}, drew {:?}",
+                n + 1,
+                event.delay
+            );
+            assert!(
+                waited <= cap,
+                "attempt {}: waited {waited:?} > cap {cap:?}",
+                n + 1
+            );
+        }
+    }
+}
