@@ -1,6 +1,7 @@
 //! One-call setup: [`init`] and [`try_init`], and the [`TelemetryGuard`]
 //! that flushes and shuts everything down.
 
+use std::io::IsTerminal as _;
 use std::net::SocketAddr;
 
 use metrics_exporter_prometheus::{
@@ -13,7 +14,9 @@ use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::Layer;
+use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::registry::LookupSpan;
 
 use crate::runtime::{BackgroundRuntime, OtlpHttpClient, serve_metrics, spawn_upkeep};
 use crate::{LogFormat, TelemetryConfig, TelemetryError, names};
@@ -188,20 +191,13 @@ fn setup(
     let provider = provider.build();
     guard.tracer_provider = Some(provider.clone());
     let otel_layer = tracing_opentelemetry::layer().with_tracer(provider.tracer(TRACER_NAME));
-    let fmt_layer = match config.log_format() {
-        LogFormat::Human => tracing_subscriber::fmt::layer()
-            .with_writer(std::io::stderr)
-            .boxed(),
-        LogFormat::Json => tracing_subscriber::fmt::layer()
-            .json()
-            .with_current_span(true)
-            .with_span_list(false)
-            .with_writer(std::io::stderr)
-            .boxed(),
-    };
     let subscriber = tracing_subscriber::registry()
         .with(filter)
-        .with(fmt_layer)
+        .with(log_layer(
+            config.log_format(),
+            std::io::stderr,
+            stderr_wants_colour(),
+        ))
         .with(otel_layer);
     match tracing::subscriber::set_global_default(subscriber) {
         Ok(()) => guard.installed_subscriber = true,
@@ -243,6 +239,34 @@ fn setup(
         }
     }
     Ok(guard)
+}
+
+/// Whether human logs on stderr get ANSI colours: only when stderr is a
+/// terminal and `NO_COLOR` is unset or empty (<https://no-color.org>), so
+/// that log files and journald get plain text.
+fn stderr_wants_colour() -> bool {
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
+/// The log-line layer: human-readable (with colours if `ansi`) or one JSON
+/// object per line with the current span, written to `writer`.
+fn log_layer<S, W>(format: LogFormat, writer: W, ansi: bool) -> Box<dyn Layer<S> + Send + Sync>
+where
+    S: tracing::Subscriber + for<'a> LookupSpan<'a>,
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
+    match format {
+        LogFormat::Human => tracing_subscriber::fmt::layer()
+            .with_ansi(ansi)
+            .with_writer(writer)
+            .boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .with_writer(writer)
+            .boxed(),
+    }
 }
 
 /// Keeps telemetry running; dropping it flushes pending spans, shuts the
@@ -306,5 +330,90 @@ impl Drop for TelemetryGuard {
             eprintln!("vextrus-telemetry: flushing spans on shutdown failed: {e}");
         }
         drop(self.runtime.take());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    /// A `MakeWriter` that appends every log line to one buffer.
+    #[derive(Clone, Default)]
+    struct Buffer(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Buffer {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl<'w> MakeWriter<'w> for Buffer {
+        type Writer = Buffer;
+
+        fn make_writer(&'w self) -> Buffer {
+            self.clone()
+        }
+    }
+
+    /// Logs one event inside a saga-step span in `format` and returns the
+    /// text written.
+    fn log_one(format: LogFormat, ansi: bool) -> String {
+        let buffer = Buffer::default();
+        let subscriber = tracing_subscriber::registry()
+            .with(EnvFilter::new("info"))
+            .with(log_layer(format, buffer.clone(), ansi));
+        tracing::subscriber::with_default(subscriber, || {
+            let step = tracing::info_span!("vextrus.saga.step", saga = "saga-7");
+            step.in_scope(|| tracing::info!(order = "o-42", "reserving stock"));
+            tracing::debug!("filtered out at info");
+        });
+        let bytes = buffer.0.lock().unwrap().clone();
+        String::from_utf8(bytes).unwrap()
+    }
+
+    #[test]
+    fn json_logs_are_one_object_per_line_with_the_current_span() {
+        let text = log_one(LogFormat::Json, false);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 1, "{text}");
+        let line = lines[0];
+        assert!(line.starts_with('{') && line.ends_with('}'), "{line}");
+        for part in [
+            r#""level":"INFO""#,
+            r#""message":"reserving stock""#,
+            r#""order":"o-42""#,
+            r#""span":{"#,
+            r#""name":"vextrus.saga.step""#,
+            r#""saga":"saga-7""#,
+        ] {
+            assert!(line.contains(part), "{part} not in {line}");
+        }
+        assert!(!line.contains('\u{1b}'), "no colour codes in JSON: {line}");
+    }
+
+    #[test]
+    fn human_logs_are_plain_text_coloured_only_when_asked() {
+        let plain = log_one(LogFormat::Human, false);
+        assert_eq!(plain.lines().count(), 1, "{plain}");
+        assert!(!plain.starts_with('{'), "{plain}");
+        for part in [
+            "INFO",
+            "vextrus.saga.step{saga=\"saga-7\"}",
+            "reserving stock",
+            "order=\"o-42\"",
+        ] {
+            assert!(plain.contains(part), "{part} not in {plain}");
+        }
+        assert!(!plain.contains('\u{1b}'), "{plain:?}");
+        let coloured = log_one(LogFormat::Human, true);
+        assert!(coloured.contains('\u{1b}'), "{coloured:?}");
     }
 }
