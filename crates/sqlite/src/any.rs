@@ -5,11 +5,11 @@
 //! participants) cannot use [`SqliteUnitOfWorkTx`](crate::SqliteUnitOfWorkTx),
 //! whose transaction is a `sqlx::Transaction<Sqlite>`. These two functions
 //! write the same rows as [`SqliteOutbox`](crate::SqliteOutbox)'s enqueue and
-//! inbox record (the `outbox` and `inbox` tables of migration 2, ids as
-//! hyphenated UUID text, times as nanoseconds since the Unix epoch in
-//! INTEGER columns) on an `AnyConnection` inside the caller's transaction,
-//! so the service's SQL, its outgoing messages and its inbox entry commit
-//! together. A [`SqliteOutbox`](crate::SqliteOutbox) over the same file
+//! inbox record (the `outbox` and `inbox` tables of migrations 2 and 4, ids
+//! as hyphenated UUID text, times as nanoseconds since the Unix epoch in
+//! INTEGER columns, each message in the lane of its partition key) on an
+//! `AnyConnection` inside the caller's transaction, so the service's SQL,
+//! its outgoing messages and its inbox entry commit together. A [`SqliteOutbox`](crate::SqliteOutbox) over the same file
 //! relays the messages.
 //!
 //! The caller's transaction should be a write transaction (`BEGIN
@@ -19,7 +19,7 @@
 use std::collections::HashSet;
 
 use sqlx::AnyConnection;
-use vextrus_core::outbox::{OutboxError, OutboxResult, validate_outbound};
+use vextrus_core::outbox::{OutboxError, OutboxResult, lane_of, validate_outbound};
 use vextrus_core::transport::{MessageId, OutboundMessage};
 use vextrus_core::unit_of_work::InboxRecord;
 
@@ -90,8 +90,8 @@ pub async fn enqueue(conn: &mut AnyConnection, messages: &[OutboundMessage]) -> 
     }
     for (m, created, headers) in rows {
         sqlx::query(
-            "INSERT INTO outbox (id, destination, partition_key, payload, headers, created_at) \
-             VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT INTO outbox (id, destination, partition_key, payload, headers, created_at, lane) \
+             VALUES (?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(m.id.to_string())
         .bind(m.destination.clone())
@@ -99,6 +99,7 @@ pub async fn enqueue(conn: &mut AnyConnection, messages: &[OutboundMessage]) -> 
         .bind(m.payload.clone())
         .bind(headers)
         .bind(created)
+        .bind(lane_of(&m.partition_key))
         .execute(&mut *conn)
         .await
         .map_err(db_err)?;

@@ -26,7 +26,9 @@ pub struct Migration {
 
 /// Every migration, in order: the event store (1), then the outbox and
 /// inbox (2, [`OUTBOX_MIGRATION`](crate::OUTBOX_MIGRATION)), the saga store
-/// (3, [`SAGA_MIGRATION`](crate::saga::SAGA_MIGRATION)).
+/// (3, [`SAGA_MIGRATION`](crate::saga::SAGA_MIGRATION)), the outbox's lanes
+/// (4: a `lane` column on the outbox, the `outbox_lanes` cursors and the
+/// `outbox_lane_log` marks; see [`SqliteOutbox`](crate::SqliteOutbox)).
 pub const MIGRATIONS: &[Migration] = &[
     Migration {
         version: 1,
@@ -35,6 +37,11 @@ pub const MIGRATIONS: &[Migration] = &[
     },
     crate::outbox::OUTBOX_MIGRATION,
     crate::saga::SAGA_MIGRATION,
+    Migration {
+        version: 4,
+        name: "outbox_lanes",
+        sql: include_str!("../migrations/0004_outbox_lanes.sql"),
+    },
 ];
 
 /// A stable 64-bit FNV-1a checksum of a migration's text, as hex.
@@ -49,6 +56,12 @@ fn checksum(sql: &str) -> String {
 
 /// Applies every migration not yet applied; returns how many it applied.
 pub(crate) async fn run(pool: &SqlitePool) -> Result<usize> {
+    run_through(pool, i64::MAX).await
+}
+
+/// Applies the migrations up to version `last` not yet applied; returns
+/// how many it applied.
+pub(crate) async fn run_through(pool: &SqlitePool, last: i64) -> Result<usize> {
     let mut tx = pool.begin_with("BEGIN IMMEDIATE").await.map_err(map_sqlx)?;
     sqlx::query(
         "CREATE TABLE IF NOT EXISTS vextrus_migrations (
@@ -71,7 +84,7 @@ pub(crate) async fn run(pool: &SqlitePool) -> Result<usize> {
             .collect::<std::result::Result<_, sqlx::Error>>()
             .map_err(map_sqlx)?;
     let mut count = 0;
-    for m in MIGRATIONS {
+    for m in MIGRATIONS.iter().filter(|m| m.version <= last) {
         let sum = checksum(m.sql);
         if let Some((_, stored)) = applied.iter().find(|(v, _)| *v == m.version) {
             if *stored != sum {

@@ -1,7 +1,7 @@
 //! [`SqliteOutbox`]: the transactional outbox on SQLite, sharing the event
 //! store's file, pool and transactions.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,9 +11,9 @@ use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection, Transaction};
 use tokio::sync::watch;
 use vextrus_core::WakeUps;
 use vextrus_core::outbox::{
-    ClaimRequest, DeadLetterPolicy, DeadLetters, FailureOutcome, OutboxClaimer, OutboxError,
-    OutboxMessage, OutboxResult, OutboxRetention, OutboxStatus, OutboxStatusReport, OutboxStore,
-    PublishFailure, validate_outbound,
+    ClaimRequest, DeadLetterPolicy, DeadLetters, FailureOutcome, LaneLedger, LanePlan,
+    OutboxClaimer, OutboxError, OutboxMessage, OutboxResult, OutboxRetention, OutboxStatus,
+    OutboxStatusReport, OutboxStore, PublishFailure, lane_of, validate_outbound,
 };
 use vextrus_core::transport::{Headers, MessageId, OutboundMessage};
 use vextrus_kernel::{ErrorKind, HasErrorKind};
@@ -40,11 +40,31 @@ pub const OUTBOX_MIGRATION: Migration = Migration {
 /// rest come in the next batch, in order.
 pub const MAX_PER_KEY_IN_BATCH: usize = 8;
 
+/// At most this many lanes hand rows to one claim (the free lanes with the
+/// oldest rows past their cursors).
+const MAX_LANES_PER_CLAIM: usize = 16;
+
 /// Rows per multi-row `INSERT` (7 parameters each, well under SQLite's limit).
 const INSERT_CHUNK: usize = 1_000;
 
+/// The columns of a row as stored (the per-row path, and lane rows as a
+/// claim returns them: pending).
 const ROW_COLUMNS: &str = "sequence, id, destination, partition_key, payload, headers, created_at, \
      status, attempts, next_attempt_at, last_error, published_at, claimed_by, lease_until";
+
+/// A row as readers see it, from `outbox o LEFT JOIN outbox_lanes c`: a
+/// lane row at or below its lane's cursor is published, at the time of the
+/// first lane mark that covers it.
+const READ_SELECT: &str = "SELECT o.sequence, o.id, o.destination, o.partition_key, o.payload, \
+     o.headers, o.created_at, \
+     CASE WHEN o.sequence <= c.cursor THEN 'published' ELSE o.status END AS status, \
+     o.attempts, o.next_attempt_at, o.last_error, \
+     CASE WHEN o.sequence <= c.cursor THEN \
+         (SELECT g.published_at FROM outbox_lane_log g \
+           WHERE g.lane = o.lane AND g.through >= o.sequence ORDER BY g.through LIMIT 1) \
+     ELSE o.published_at END AS published_at, \
+     o.claimed_by, o.lease_until \
+     FROM outbox o LEFT JOIN outbox_lanes c ON c.lane = o.lane";
 
 /// The outbox on SQLite: [`OutboxStore`], [`OutboxClaimer`],
 /// [`DeadLetters`], [`OutboxRetention`], the
@@ -54,15 +74,36 @@ const ROW_COLUMNS: &str = "sequence, id, destination, partition_key, payload, he
 /// [`InboxStore`](vextrus_core::inbox::InboxStore), over one
 /// [`SqliteEventStore`]'s file and pool.
 ///
+/// - **Lanes** ([`lanes`](vextrus_core::outbox::lanes)): an enqueued
+///   message goes into the lane of its partition key
+///   ([`lane_of`](vextrus_core::outbox::lane_of), 64 lanes) and stays
+///   `pending` in its row; each lane has a cursor, and a lane row is
+///   published exactly when its sequence is at or below its lane's cursor.
+///   A claim leases whole lanes (the free ones with the oldest rows past
+///   their cursors, at most 16) and returns a prefix
+///   of each lane's rows; a settle that publishes a lane's claimed rows
+///   moves its cursor in one write (and logs when, for `published_at` and
+///   retention) instead of writing every row. SQLite has one writer, so
+///   rows commit in sequence order and a cursor never passes a row that
+///   commits later. Which rows each worker claimed in a lane is kept in
+///   this process ([`LaneLedger`], shared by clones); another process's
+///   late settle, or a crash, just lets the lease run out and the lane is
+///   claimed again from its cursor.
+/// - **Per-row path**: a row that leaves its lane — it failed (attempts,
+///   backoff, dead letter), it was published on its own, or its key has an
+///   earlier unfinished row off the lanes (a retry, a replayed or blocking
+///   dead letter), and every row written before the lanes existed — is
+///   claimed and settled row by row, as before: a claim takes these first.
 /// - **Claims** run in `BEGIN IMMEDIATE` transactions: SQLite has one
 ///   writer, so selecting the claimable heads of partition keys and marking
 ///   them claimed is atomic, and relay workers in this process or others
 ///   sharing the file never hold one key at once. The rule is the
 ///   [`store`](vextrus_core::outbox::store) module's: a message is claimable
-///   when it is the head of its key (no earlier unfinished message), due,
-///   and not leased to another worker; the key's next pending, due messages
-///   follow it in the same batch, at most [`MAX_PER_KEY_IN_BATCH`] of the
-///   key per batch (so a batch spreads over keys).
+///   when it is the head of its key (no earlier unfinished message, on or
+///   off the lanes), due, and not leased to another worker; on the per-row
+///   path the key's next pending, due messages follow it in the same batch,
+///   at most [`MAX_PER_KEY_IN_BATCH`] of the key per batch (so a batch
+///   spreads over keys).
 /// - **Clock**: leases, backoff, `published_at`, retention and ages are
 ///   computed and compared with the database's clock (`julianday('now')`,
 ///   read inside the write transaction, millisecond precision), never with
@@ -72,7 +113,7 @@ const ROW_COLUMNS: &str = "sequence, id, destination, partition_key, payload, he
 ///   store (or a clone) wake this process's relay workers at once; other
 ///   processes sharing the file are seen by the relay's polling.
 ///
-/// Clones share the pool and the wake-up channel.
+/// Clones share the pool, the wake-up channel and the lane ledger.
 ///
 /// ```
 /// use std::time::Duration;
@@ -100,6 +141,7 @@ pub struct SqliteOutbox {
     events: SqliteEventStore,
     wake: Arc<watch::Sender<u64>>,
     turns: Arc<tokio::sync::Mutex<()>>,
+    lanes: Arc<LaneLedger>,
 }
 
 /// A `BEGIN IMMEDIATE` transaction taken in turn: writers of one
@@ -152,6 +194,7 @@ impl SqliteOutbox {
             events,
             wake: Arc::new(wake),
             turns: Arc::new(tokio::sync::Mutex::new(())),
+            lanes: Arc::new(LaneLedger::default()),
         }
     }
 
@@ -207,9 +250,10 @@ impl SqliteOutbox {
         Ok(WriteTx { tx, _turn: turn })
     }
 
-    /// Every outbox row (any status), in sequence order.
+    /// Every outbox row (any status), in sequence order (a lane row at or
+    /// below its lane's cursor reads as published).
     pub async fn rows(&self) -> OutboxResult<Vec<OutboxMessage>> {
-        let sql = format!("SELECT {ROW_COLUMNS} FROM outbox ORDER BY sequence");
+        let sql = format!("{READ_SELECT} ORDER BY o.sequence");
         sqlx::query(&sql)
             .fetch_all(self.pool())
             .await
@@ -221,7 +265,8 @@ impl SqliteOutbox {
 }
 
 /// Inserts `messages` (validated, ids not yet stored, no id twice) on a
-/// connection inside a write transaction, in order.
+/// connection inside a write transaction, in order, each in the lane of its
+/// partition key (one writer: the rows commit in sequence order).
 pub(crate) async fn enqueue_on(
     conn: &mut SqliteConnection,
     messages: &[OutboundMessage],
@@ -258,7 +303,7 @@ pub(crate) async fn enqueue_on(
     }
     for chunk in rows.chunks(INSERT_CHUNK) {
         let mut qb = QueryBuilder::<Sqlite>::new(
-            "INSERT INTO outbox (id, destination, partition_key, payload, headers, created_at) ",
+            "INSERT INTO outbox (id, destination, partition_key, payload, headers, created_at, lane) ",
         );
         qb.push_values(chunk, |mut b, (m, created, headers)| {
             b.push_bind(m.id.to_string())
@@ -266,7 +311,8 @@ pub(crate) async fn enqueue_on(
                 .push_bind(m.partition_key.as_str())
                 .push_bind(m.payload.as_slice())
                 .push_bind(headers.as_str())
-                .push_bind(*created);
+                .push_bind(*created)
+                .push_bind(lane_of(&m.partition_key));
         });
         qb.build().execute(&mut *conn).await.map_err(db_err)?;
     }
@@ -376,7 +422,7 @@ impl OutboxStore for SqliteOutbox {
     }
 
     async fn get(&self, id: MessageId) -> OutboxResult<Option<OutboxMessage>> {
-        let sql = format!("SELECT {ROW_COLUMNS} FROM outbox WHERE id = ?");
+        let sql = format!("{READ_SELECT} WHERE o.id = ?");
         sqlx::query(&sql)
             .bind(id.to_string())
             .fetch_optional(self.pool())
@@ -385,6 +431,530 @@ impl OutboxStore for SqliteOutbox {
             .map(|r| decode_row(&r).map(|d| d.msg))
             .transpose()
     }
+}
+
+impl SqliteOutbox {
+    /// Settles ids as one transaction (see [`LaneLedger::plan`]): per-row
+    /// ids row by row, lane rows by their lane's cursor. `worker` is `None`
+    /// for [`OutboxClaimer::mark_published`] and
+    /// [`OutboxClaimer::mark_failed`] (whichever worker claimed a lane row).
+    /// Returns the failures' outcomes in the order of `failed`.
+    async fn settle_rows(
+        &self,
+        worker: Option<&str>,
+        published: &[MessageId],
+        failed: &[(MessageId, &PublishFailure)],
+        released: &[MessageId],
+    ) -> OutboxResult<Vec<FailureOutcome>> {
+        if published.is_empty() && failed.is_empty() && released.is_empty() {
+            return Ok(Vec::new());
+        }
+        let failed_ids: Vec<MessageId> = failed.iter().map(|(id, _)| *id).collect();
+        let plan = self.lanes.plan(worker, published, &failed_ids, released);
+        let applied = self.apply_plan(worker, &plan, failed).await;
+        if applied.is_err() {
+            // Nothing was written: these lanes' leases run out and they are
+            // claimed again from their cursors.
+            let lanes = plan
+                .lane_published
+                .iter()
+                .chain(&plan.lane_failed)
+                .map(|r| (r.worker.as_str(), r.lane))
+                .chain(plan.advances.iter().map(|a| (a.worker.as_str(), a.lane)));
+            for (w, lane) in lanes {
+                self.lanes.forget(w, lane);
+            }
+        }
+        applied
+    }
+
+    async fn apply_plan(
+        &self,
+        worker: Option<&str>,
+        plan: &LanePlan,
+        failed: &[(MessageId, &PublishFailure)],
+    ) -> OutboxResult<Vec<FailureOutcome>> {
+        let mut tx = self.begin_immediate().await?;
+        let now = db_now(&mut tx).await?;
+        // Per-row published ids; a lane row among them that no worker of
+        // this process holds (never claimed here) is published on its own
+        // row and leaves its lane, unless its cursor already covers it. A
+        // lane row another worker holds (this one's lease ran out and the
+        // lane was claimed again) is left to that worker.
+        let own: Vec<MessageId> = plan
+            .per_row_published
+            .iter()
+            .copied()
+            .filter(|id| !self.lanes.holds(*id))
+            .collect();
+        if !own.is_empty() {
+            sqlx::query(
+                "UPDATE outbox
+                    SET status = 'published', published_at = ?1, claimed_by = NULL,
+                        lease_until = NULL, lane = NULL
+                  WHERE status = 'pending' AND id IN (SELECT value FROM json_each(?2))
+                    AND (lane IS NULL
+                         OR sequence > (SELECT c.cursor FROM outbox_lanes c
+                                         WHERE c.lane = outbox.lane))",
+            )
+            .bind(now)
+            .bind(id_list(&own))
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        }
+        // Lane rows published past their lane's new cursor (or in a lane
+        // not settled yet): on their own rows, while the worker still holds
+        // the lane.
+        let mut by_worker: HashMap<&str, Vec<MessageId>> = HashMap::new();
+        for row in &plan.lane_published {
+            by_worker
+                .entry(row.worker.as_str())
+                .or_default()
+                .push(row.id);
+        }
+        for (w, ids) in by_worker {
+            sqlx::query(
+                "UPDATE outbox
+                    SET status = 'published', published_at = ?1, lane = NULL
+                  WHERE id IN (SELECT value FROM json_each(?2))
+                    AND status = 'pending'
+                    AND EXISTS (SELECT 1 FROM outbox_lanes c
+                                 WHERE c.lane = outbox.lane AND c.claimed_by = ?3
+                                   AND outbox.sequence > c.cursor)",
+            )
+            .bind(now)
+            .bind(id_list(&ids))
+            .bind(w)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        }
+        // Failures, in the order given.
+        let mut lane_failed: HashMap<MessageId, &str> = plan
+            .lane_failed
+            .iter()
+            .map(|r| (r.id, r.worker.as_str()))
+            .collect();
+        let mut outcomes = Vec::with_capacity(failed.len());
+        for (id, failure) in failed {
+            let holder = lane_failed.remove(id);
+            let row: Option<FailedRow> = sqlx::query_as(
+                "SELECT o.status, o.attempts, o.lane, o.sequence, c.cursor, c.claimed_by
+                   FROM outbox o LEFT JOIN outbox_lanes c ON c.lane = o.lane
+                  WHERE o.id = ?",
+            )
+            .bind(id.to_string())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db_err)?;
+            let Some((status, attempts, lane, sequence, cursor, claimed_by)) = row else {
+                return Err(OutboxError::NotFound(*id));
+            };
+            let pending = status == OutboxStatus::Pending.as_str();
+            let in_lane = lane.is_some() && cursor.is_some_and(|c| sequence > c);
+            let eligible = match holder {
+                // A lane row of this claim: only while the worker holds the lane.
+                Some(w) => pending && in_lane && claimed_by.as_deref() == Some(w),
+                // A per-row row, or a lane row claimed by no worker of this
+                // process (never claimed here): on its own row.
+                None => pending && (lane.is_none() || (in_lane && !self.lanes.holds(*id))),
+            };
+            outcomes.push(if eligible {
+                record_failure(&mut tx, *id, attempts, failure, now).await?
+            } else {
+                FailureOutcome::Settled
+            });
+        }
+        if let Some(w) = worker
+            && !plan.per_row_released.is_empty()
+        {
+            sqlx::query(
+                "UPDATE outbox SET claimed_by = NULL, lease_until = NULL
+                  WHERE claimed_by = ? AND lane IS NULL
+                    AND id IN (SELECT value FROM json_each(?))",
+            )
+            .bind(w)
+            .bind(id_list(&plan.per_row_released))
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        }
+        // Lanes fully settled: the cursor moves (and the move is logged),
+        // the lease ends — if the worker still holds the lane.
+        for adv in &plan.advances {
+            let cursor: Option<i64> = sqlx::query_scalar(
+                "SELECT cursor FROM outbox_lanes WHERE lane = ? AND claimed_by = ?",
+            )
+            .bind(adv.lane)
+            .bind(adv.worker.as_str())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db_err)?;
+            let Some(cursor) = cursor else {
+                continue;
+            };
+            let moved = adv
+                .cursor
+                .map(|c| i64::try_from(c).unwrap_or(i64::MAX))
+                .filter(|c| *c > cursor);
+            sqlx::query(
+                "UPDATE outbox_lanes SET cursor = ?, claimed_by = NULL, lease_until = NULL
+                  WHERE lane = ?",
+            )
+            .bind(moved.unwrap_or(cursor))
+            .bind(adv.lane)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+            if let Some(through) = moved {
+                sqlx::query(
+                    "INSERT INTO outbox_lane_log (lane, through, published_at) VALUES (?, ?, ?)",
+                )
+                .bind(adv.lane)
+                .bind(through)
+                .bind(now)
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err)?;
+            }
+        }
+        tx.commit().await.map_err(db_err)?;
+        Ok(outcomes)
+    }
+}
+
+/// A row a failure is reported for: status, attempts, lane, sequence, and
+/// its lane's cursor and holder.
+type FailedRow = (String, i64, Option<i32>, i64, Option<i64>, Option<String>);
+
+/// Records one failed attempt of a pending row: attempts + 1, the error,
+/// and a retry at `now + retry_in` or a dead letter; the claim ends and the
+/// row leaves its lane (for the per-row path).
+async fn record_failure(
+    conn: &mut SqliteConnection,
+    id: MessageId,
+    attempts: i64,
+    failure: &PublishFailure,
+    now: i64,
+) -> OutboxResult<FailureOutcome> {
+    let attempts = u32::try_from(attempts)
+        .unwrap_or(u32::MAX)
+        .saturating_add(1);
+    let dead = failure.dead_now || attempts >= failure.max_attempts;
+    let next = now.saturating_add(nanos(failure.retry_in));
+    sqlx::query(
+        "UPDATE outbox
+            SET attempts = ?, last_error = ?, claimed_by = NULL, lease_until = NULL, lane = NULL,
+                status = CASE WHEN ? THEN 'dead' ELSE 'pending' END,
+                next_attempt_at = CASE WHEN ? THEN next_attempt_at ELSE ? END
+          WHERE id = ?",
+    )
+    .bind(i64::from(attempts))
+    .bind(failure.error.as_str())
+    .bind(dead)
+    .bind(dead)
+    .bind(next)
+    .bind(id.to_string())
+    .execute(conn)
+    .await
+    .map_err(db_err)?;
+    Ok(if dead {
+        FailureOutcome::Dead { attempts }
+    } else {
+        FailureOutcome::Retrying {
+            attempts,
+            next_attempt_at: from_nanos(next),
+        }
+    })
+}
+
+/// Each lane's cursor.
+async fn lane_cursors(conn: &mut SqliteConnection) -> OutboxResult<HashMap<i32, i64>> {
+    let rows: Vec<(i32, i64)> = sqlx::query_as("SELECT lane, cursor FROM outbox_lanes")
+        .fetch_all(conn)
+        .await
+        .map_err(db_err)?;
+    Ok(rows.into_iter().collect())
+}
+
+/// The first row of `key` still in its lane (past the cursor) with a
+/// sequence after `after` and before `before`: the key's per-row rows after
+/// it wait until it is published.
+async fn first_in_lane(
+    conn: &mut SqliteConnection,
+    cursors: &HashMap<i32, i64>,
+    key: &str,
+    after: i64,
+    before: i64,
+) -> OutboxResult<Option<i64>> {
+    let lane = lane_of(key);
+    let from = after.max(cursors.get(&lane).copied().unwrap_or(0));
+    if from.saturating_add(1) >= before {
+        return Ok(None);
+    }
+    sqlx::query_scalar(
+        "SELECT sequence FROM outbox
+          WHERE lane = ? AND sequence > ? AND sequence < ? AND partition_key = ?
+          ORDER BY sequence LIMIT 1",
+    )
+    .bind(lane)
+    .bind(from)
+    .bind(before)
+    .bind(key)
+    .fetch_optional(conn)
+    .await
+    .map_err(db_err)
+}
+
+/// The "unfinished" condition of a claim's dead-letter policy, on a row's
+/// `status`.
+fn unfinished(policy: DeadLetterPolicy) -> &'static str {
+    match policy {
+        DeadLetterPolicy::SkipKey => "status = 'pending'",
+        DeadLetterPolicy::BlockKey => "status IN ('pending', 'dead')",
+    }
+}
+
+/// The per-row half of a claim: heads of keys off the lanes and their
+/// followers (not yet marked claimed), at most `limit`.
+async fn claim_per_row(
+    conn: &mut SqliteConnection,
+    req: &ClaimRequest,
+    now: i64,
+    limit: usize,
+) -> OutboxResult<Vec<OutboxMessage>> {
+    let unfinished = unfinished(req.dead_letter_policy);
+    // The heads of keys (first unfinished message) that are claimable
+    // now, oldest first: each one gives at least one message.
+    let heads_sql = format!(
+        "SELECT o.partition_key, o.sequence
+           FROM outbox o
+           JOIN (SELECT partition_key, MIN(sequence) AS seq FROM outbox
+                  WHERE lane IS NULL AND {unfinished} GROUP BY partition_key) h
+             ON o.sequence = h.seq
+          WHERE o.status = 'pending'
+            AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= ?1)
+            AND (o.claimed_by IS NULL OR o.lease_until <= ?1 OR o.claimed_by = ?2)
+          ORDER BY o.sequence
+          LIMIT ?3"
+    );
+    let heads: Vec<(String, i64)> = sqlx::query_as(&heads_sql)
+        .bind(now)
+        .bind(req.worker.as_str())
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(db_err)?;
+    let mut picked: Vec<OutboxMessage> = Vec::new();
+    if heads.is_empty() {
+        return Ok(picked);
+    }
+    let cursors = lane_cursors(&mut *conn).await?;
+    let followers_sql = format!(
+        "SELECT {ROW_COLUMNS} FROM outbox
+          WHERE partition_key = ? AND sequence >= ? AND lane IS NULL AND status <> 'published'
+          ORDER BY sequence LIMIT ?"
+    );
+    let free = |d: &Decoded| {
+        d.claimed_by.is_none()
+            || d.lease_until.is_none_or(|until| until <= now)
+            || d.claimed_by.as_deref() == Some(req.worker.as_str())
+    };
+    for (key, head) in heads {
+        if picked.len() >= limit {
+            break;
+        }
+        // A key's row still in its lane before the head goes first.
+        if first_in_lane(&mut *conn, &cursors, &key, 0, head)
+            .await?
+            .is_some()
+        {
+            continue;
+        }
+        let start = picked.len();
+        let mut from = head;
+        let key_limit = picked.len() + MAX_PER_KEY_IN_BATCH.min(limit - picked.len());
+        'key: loop {
+            let page = key_limit - picked.len() + 1;
+            let rows = sqlx::query(&followers_sql)
+                .bind(key.as_str())
+                .bind(from)
+                .bind(i64::try_from(page).unwrap_or(i64::MAX))
+                .fetch_all(&mut *conn)
+                .await
+                .map_err(db_err)?;
+            let n = rows.len();
+            for row in &rows {
+                let d = decode_row(row)?;
+                from = i64::try_from(d.msg.sequence)
+                    .unwrap_or(i64::MAX)
+                    .saturating_add(1);
+                match d.msg.status {
+                    OutboxStatus::Dead if req.dead_letter_policy == DeadLetterPolicy::SkipKey => {
+                        continue;
+                    }
+                    OutboxStatus::Pending => {}
+                    _ => break 'key,
+                }
+                let due = d.next_attempt.is_none_or(|t| t <= now);
+                if !free(&d) || !due || picked.len() >= key_limit {
+                    break 'key;
+                }
+                picked.push(d.msg);
+            }
+            if n < page {
+                break;
+            }
+        }
+        // Followers behind a row of the key still in its lane wait too.
+        if let Some(last) = picked.last().filter(|_| picked.len() > start + 1) {
+            let last = i64::try_from(last.sequence).unwrap_or(i64::MAX);
+            if let Some(block) = first_in_lane(&mut *conn, &cursors, &key, head, last).await? {
+                let keep = picked[start..]
+                    .iter()
+                    .take_while(|m| i64::try_from(m.sequence).unwrap_or(i64::MAX) < block)
+                    .count();
+                picked.truncate(start + keep);
+            }
+        }
+    }
+    Ok(picked)
+}
+
+/// The lane half of a claim: the free lanes with the oldest rows past their
+/// cursors (at most [`MAX_LANES_PER_CLAIM`]), the oldest `limit` of their
+/// rows (a prefix of each lane). Rows whose key has an earlier unfinished
+/// row off the lanes leave their lane (and are not returned); the lanes
+/// that return rows are leased to the worker, and a lane whose rows all
+/// left moves its cursor past them. Returns `(lane, row)` per returned row.
+async fn claim_lanes(
+    conn: &mut SqliteConnection,
+    req: &ClaimRequest,
+    now: i64,
+    lease_until: i64,
+    limit: usize,
+) -> OutboxResult<Vec<(i32, OutboxMessage)>> {
+    let free: Vec<(i32, i64)> = sqlx::query_as(
+        "SELECT lane, cursor FROM (
+             SELECT c.lane, c.cursor,
+                    (SELECT o.sequence FROM outbox o
+                      WHERE o.lane = c.lane AND o.sequence > c.cursor
+                      ORDER BY o.sequence LIMIT 1) AS head
+               FROM outbox_lanes c
+              WHERE c.claimed_by IS NULL OR c.lease_until IS NULL OR c.lease_until <= ?1)
+          WHERE head IS NOT NULL
+          ORDER BY head
+          LIMIT ?2",
+    )
+    .bind(now)
+    .bind(i64::try_from(MAX_LANES_PER_CLAIM).unwrap_or(i64::MAX))
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(db_err)?;
+    if free.is_empty() {
+        return Ok(Vec::new());
+    }
+    // Each lane's first `limit` sequences (from the index alone); the
+    // oldest `limit` of them are a prefix of each lane.
+    let page = i64::try_from(limit).unwrap_or(i64::MAX);
+    let mut seqs: Vec<i64> = Vec::new();
+    for (lane, cursor) in &free {
+        let lane_seqs: Vec<i64> = sqlx::query_scalar(
+            "SELECT sequence FROM outbox WHERE lane = ? AND sequence > ?
+              ORDER BY sequence LIMIT ?",
+        )
+        .bind(lane)
+        .bind(cursor)
+        .bind(page)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(db_err)?;
+        seqs.extend(lane_seqs);
+    }
+    seqs.sort_unstable();
+    seqs.truncate(limit);
+    let rows_sql = format!(
+        "SELECT {ROW_COLUMNS}, lane FROM outbox
+          WHERE sequence IN (SELECT value FROM json_each(?)) ORDER BY sequence"
+    );
+    let mut rows: Vec<(i32, OutboxMessage)> = Vec::with_capacity(seqs.len());
+    for row in sqlx::query(&rows_sql)
+        .bind(serde_json::Value::from(seqs).to_string())
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(db_err)?
+    {
+        let lane: i32 = row.try_get("lane").map_err(db_err)?;
+        rows.push((lane, decode_row(&row)?.msg));
+    }
+    // Keys with an earlier unfinished row off the lanes: their rows after
+    // it leave the lane for the key's per-row queue.
+    let keys: Vec<&str> = rows
+        .iter()
+        .map(|(_, m)| m.message.partition_key.as_str())
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .collect();
+    let blockers_sql = format!(
+        "SELECT partition_key, MIN(sequence) FROM outbox
+          WHERE lane IS NULL AND status <> 'published' AND {}
+            AND partition_key IN (SELECT value FROM json_each(?))
+          GROUP BY partition_key",
+        unfinished(req.dead_letter_policy)
+    );
+    let blockers: HashMap<String, i64> = sqlx::query_as::<_, (String, i64)>(&blockers_sql)
+        .bind(serde_json::Value::from(keys).to_string())
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(db_err)?
+        .into_iter()
+        .collect();
+    let (kept, diverted): (Vec<_>, Vec<_>) = rows.into_iter().partition(|(_, m)| {
+        blockers
+            .get(m.message.partition_key.as_str())
+            .is_none_or(|u| i64::try_from(m.sequence).unwrap_or(i64::MAX) <= *u)
+    });
+    if !diverted.is_empty() {
+        let seqs: Vec<u64> = diverted.iter().map(|(_, m)| m.sequence).collect();
+        sqlx::query(
+            "UPDATE outbox SET lane = NULL WHERE sequence IN (SELECT value FROM json_each(?))",
+        )
+        .bind(serde_json::Value::from(seqs).to_string())
+        .execute(&mut *conn)
+        .await
+        .map_err(db_err)?;
+        // A lane whose rows all left: its cursor moves past them.
+        let mut emptied: HashMap<i32, u64> = HashMap::new();
+        for (lane, m) in &diverted {
+            if !kept.iter().any(|(l, _)| l == lane) {
+                let through = emptied.entry(*lane).or_default();
+                *through = (*through).max(m.sequence);
+            }
+        }
+        for (lane, through) in emptied {
+            sqlx::query("UPDATE outbox_lanes SET cursor = max(cursor, ?) WHERE lane = ?")
+                .bind(i64::try_from(through).unwrap_or(i64::MAX))
+                .bind(lane)
+                .execute(&mut *conn)
+                .await
+                .map_err(db_err)?;
+        }
+    }
+    if !kept.is_empty() {
+        let lanes: HashSet<i32> = kept.iter().map(|(lane, _)| *lane).collect();
+        sqlx::query(
+            "UPDATE outbox_lanes SET claimed_by = ?, lease_until = ?
+              WHERE lane IN (SELECT value FROM json_each(?))",
+        )
+        .bind(req.worker.as_str())
+        .bind(lease_until)
+        .bind(serde_json::Value::from(lanes.into_iter().collect::<Vec<_>>()).to_string())
+        .execute(&mut *conn)
+        .await
+        .map_err(db_err)?;
+    }
+    Ok(kept)
 }
 
 impl OutboxClaimer for SqliteOutbox {
@@ -396,16 +966,23 @@ impl OutboxClaimer for SqliteOutbox {
         // A read first (WAL readers never wait for the writer): an idle
         // relay polling every few milliseconds must not take the write lock
         // that enqueues and other writers of the file need. It over-reports
-        // (a due, free message that is not its key's head), never
-        // under-reports, so the claim below still decides.
+        // (a due, free message that is not its key's head; a lane row that
+        // will leave its lane), never under-reports, so the claim below
+        // still decides.
         let probe = format!(
             "WITH clock AS (SELECT {NOW_NS} AS now)
              SELECT EXISTS (
                  SELECT 1 FROM outbox
-                  WHERE status = 'pending'
+                  WHERE status = 'pending' AND lane IS NULL
                     AND (next_attempt_at IS NULL OR next_attempt_at <= (SELECT now FROM clock))
                     AND (claimed_by IS NULL OR lease_until <= (SELECT now FROM clock)
-                         OR claimed_by = ?1))"
+                         OR claimed_by = ?1))
+                 OR EXISTS (
+                 SELECT 1 FROM outbox_lanes c
+                  WHERE (c.claimed_by IS NULL OR c.lease_until IS NULL
+                         OR c.lease_until <= (SELECT now FROM clock))
+                    AND EXISTS (SELECT 1 FROM outbox o
+                                 WHERE o.lane = c.lane AND o.sequence > c.cursor))"
         );
         let any_claimable: bool = sqlx::query_scalar(&probe)
             .bind(req.worker.as_str())
@@ -418,120 +995,41 @@ impl OutboxClaimer for SqliteOutbox {
         let mut tx = self.begin_immediate().await?;
         let now = db_now(&mut tx).await?;
         let lease_until = now.saturating_add(nanos(req.lease));
-        let unfinished = match req.dead_letter_policy {
-            DeadLetterPolicy::SkipKey => "status = 'pending'",
-            DeadLetterPolicy::BlockKey => "status IN ('pending', 'dead')",
-        };
-        // The heads of keys (first unfinished message) that are claimable
-        // now, oldest first: each one gives at least one message.
-        let heads_sql = format!(
-            "SELECT o.partition_key, o.sequence
-               FROM outbox o
-               JOIN (SELECT partition_key, MIN(sequence) AS seq FROM outbox
-                      WHERE {unfinished} GROUP BY partition_key) h
-                 ON o.sequence = h.seq
-              WHERE o.status = 'pending'
-                AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= ?1)
-                AND (o.claimed_by IS NULL OR o.lease_until <= ?1 OR o.claimed_by = ?2)
-              ORDER BY o.sequence
-              LIMIT ?3"
-        );
-        let heads: Vec<(String, i64)> = sqlx::query_as(&heads_sql)
-            .bind(now)
+        let mut picked = claim_per_row(&mut tx, req, now, limit).await?;
+        if !picked.is_empty() {
+            let ids: Vec<MessageId> = picked.iter().map(OutboxMessage::id).collect();
+            sqlx::query(
+                "UPDATE outbox SET claimed_by = ?, lease_until = ?
+                  WHERE id IN (SELECT value FROM json_each(?))",
+            )
             .bind(req.worker.as_str())
-            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-            .fetch_all(&mut *tx)
+            .bind(lease_until)
+            .bind(id_list(&ids))
+            .execute(&mut *tx)
             .await
             .map_err(db_err)?;
-        let followers_sql = format!(
-            "SELECT {ROW_COLUMNS} FROM outbox
-              WHERE partition_key = ? AND sequence >= ? AND status <> 'published'
-              ORDER BY sequence LIMIT ?"
-        );
-        let free = |d: &Decoded| {
-            d.claimed_by.is_none()
-                || d.lease_until.is_none_or(|until| until <= now)
-                || d.claimed_by.as_deref() == Some(req.worker.as_str())
-        };
-        let mut picked: Vec<OutboxMessage> = Vec::new();
-        for (key, head) in heads {
-            if picked.len() >= limit {
-                break;
-            }
-            let mut from = head;
-            let key_limit = picked.len() + MAX_PER_KEY_IN_BATCH.min(limit - picked.len());
-            'key: loop {
-                let page = key_limit - picked.len() + 1;
-                let rows = sqlx::query(&followers_sql)
-                    .bind(key.as_str())
-                    .bind(from)
-                    .bind(i64::try_from(page).unwrap_or(i64::MAX))
-                    .fetch_all(&mut *tx)
-                    .await
-                    .map_err(db_err)?;
-                let n = rows.len();
-                for row in &rows {
-                    let d = decode_row(row)?;
-                    from = i64::try_from(d.msg.sequence)
-                        .unwrap_or(i64::MAX)
-                        .saturating_add(1);
-                    match d.msg.status {
-                        OutboxStatus::Dead
-                            if req.dead_letter_policy == DeadLetterPolicy::SkipKey =>
-                        {
-                            continue;
-                        }
-                        OutboxStatus::Pending => {}
-                        _ => break 'key,
-                    }
-                    let due = d.next_attempt.is_none_or(|t| t <= now);
-                    if !free(&d) || !due || picked.len() >= key_limit {
-                        break 'key;
-                    }
-                    picked.push(d.msg);
-                }
-                if n < page {
-                    break;
-                }
-            }
         }
-        if picked.is_empty() {
-            tx.rollback().await.map_err(db_err)?;
-            return Ok(picked);
+        let lane_rows = if picked.len() < limit {
+            claim_lanes(&mut tx, req, now, lease_until, limit - picked.len()).await?
+        } else {
+            Vec::new()
+        };
+        tx.commit().await.map_err(db_err)?;
+        if !lane_rows.is_empty() {
+            self.lanes.record(
+                &req.worker,
+                lane_rows
+                    .iter()
+                    .map(|(lane, m)| (*lane, m.sequence, m.id())),
+            );
+            picked.extend(lane_rows.into_iter().map(|(_, m)| m));
         }
         picked.sort_unstable_by_key(|m| m.sequence);
-        let ids: Vec<MessageId> = picked.iter().map(OutboxMessage::id).collect();
-        sqlx::query(
-            "UPDATE outbox SET claimed_by = ?, lease_until = ?
-              WHERE id IN (SELECT value FROM json_each(?))",
-        )
-        .bind(req.worker.as_str())
-        .bind(lease_until)
-        .bind(id_list(&ids))
-        .execute(&mut *tx)
-        .await
-        .map_err(db_err)?;
-        tx.commit().await.map_err(db_err)?;
         Ok(picked)
     }
 
     async fn mark_published(&self, ids: &[MessageId]) -> OutboxResult<()> {
-        if ids.is_empty() {
-            return Ok(());
-        }
-        let mut tx = self.begin_immediate().await?;
-        let now = db_now(&mut tx).await?;
-        sqlx::query(
-            "UPDATE outbox
-                SET status = 'published', published_at = ?, claimed_by = NULL, lease_until = NULL
-              WHERE status = 'pending' AND id IN (SELECT value FROM json_each(?))",
-        )
-        .bind(now)
-        .bind(id_list(ids))
-        .execute(&mut *tx)
-        .await
-        .map_err(db_err)?;
-        tx.commit().await.map_err(db_err)
+        self.settle_rows(None, ids, &[], &[]).await.map(drop)
     }
 
     async fn mark_failed(
@@ -539,67 +1037,27 @@ impl OutboxClaimer for SqliteOutbox {
         id: MessageId,
         failure: &PublishFailure,
     ) -> OutboxResult<FailureOutcome> {
-        let mut tx = self.begin_immediate().await?;
-        let now = db_now(&mut tx).await?;
-        let row: Option<(String, i64)> =
-            sqlx::query_as("SELECT status, attempts FROM outbox WHERE id = ?")
-                .bind(id.to_string())
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(db_err)?;
-        let Some((status, attempts)) = row else {
-            return Err(OutboxError::NotFound(id));
-        };
-        if status != OutboxStatus::Pending.as_str() {
-            return Ok(FailureOutcome::Settled);
-        }
-        let attempts = u32::try_from(attempts)
-            .unwrap_or(u32::MAX)
-            .saturating_add(1);
-        let dead = failure.dead_now || attempts >= failure.max_attempts;
-        let next = now.saturating_add(nanos(failure.retry_in));
-        sqlx::query(
-            "UPDATE outbox
-                SET attempts = ?, last_error = ?, claimed_by = NULL, lease_until = NULL,
-                    status = CASE WHEN ? THEN 'dead' ELSE 'pending' END,
-                    next_attempt_at = CASE WHEN ? THEN next_attempt_at ELSE ? END
-              WHERE id = ?",
-        )
-        .bind(i64::from(attempts))
-        .bind(failure.error.as_str())
-        .bind(dead)
-        .bind(dead)
-        .bind(next)
-        .bind(id.to_string())
-        .execute(&mut *tx)
-        .await
-        .map_err(db_err)?;
-        tx.commit().await.map_err(db_err)?;
-        Ok(if dead {
-            FailureOutcome::Dead { attempts }
-        } else {
-            FailureOutcome::Retrying {
-                attempts,
-                next_attempt_at: from_nanos(next),
-            }
-        })
+        let mut outcomes = self.settle_rows(None, &[], &[(id, failure)], &[]).await?;
+        Ok(outcomes.pop().unwrap_or(FailureOutcome::Settled))
     }
 
     async fn release(&self, worker: &str, ids: &[MessageId]) -> OutboxResult<()> {
-        if ids.is_empty() {
-            return Ok(());
-        }
-        let mut tx = self.begin_immediate().await?;
-        sqlx::query(
-            "UPDATE outbox SET claimed_by = NULL, lease_until = NULL
-              WHERE claimed_by = ? AND id IN (SELECT value FROM json_each(?))",
-        )
-        .bind(worker)
-        .bind(id_list(ids))
-        .execute(&mut *tx)
-        .await
-        .map_err(db_err)?;
-        tx.commit().await.map_err(db_err)
+        self.settle_rows(Some(worker), &[], &[], ids)
+            .await
+            .map(drop)
+    }
+
+    async fn settle(
+        &self,
+        worker: &str,
+        published: &[MessageId],
+        failed: &[(MessageId, PublishFailure)],
+        released: &[MessageId],
+    ) -> OutboxResult<Vec<FailureOutcome>> {
+        let failed: Vec<(MessageId, &PublishFailure)> =
+            failed.iter().map(|(id, f)| (*id, f)).collect();
+        self.settle_rows(Some(worker), published, &failed, released)
+            .await
     }
 
     async fn wake_ups(&self) -> OutboxResult<WakeUps> {
@@ -612,12 +1070,15 @@ impl DeadLetters for SqliteOutbox {
         // One read transaction: the counts and the clock come from one snapshot.
         let mut tx = self.pool().begin().await.map_err(db_err)?;
         let now = db_now(&mut tx).await?;
+        // A lane row is published at or below its lane's cursor, pending
+        // past it.
         let (pending, oldest, dead, published): (i64, Option<i64>, i64, i64) = sqlx::query_as(
-            "SELECT COALESCE(SUM(status = 'pending'), 0),
-                    MIN(CASE WHEN status = 'pending' THEN created_at END),
-                    COALESCE(SUM(status = 'dead'), 0),
-                    COALESCE(SUM(status = 'published'), 0)
-               FROM outbox",
+            "SELECT COALESCE(SUM(o.status = 'pending' AND NOT COALESCE(o.sequence <= c.cursor, 0)), 0),
+                    MIN(CASE WHEN o.status = 'pending' AND NOT COALESCE(o.sequence <= c.cursor, 0)
+                             THEN o.created_at END),
+                    COALESCE(SUM(o.status = 'dead'), 0),
+                    COALESCE(SUM(o.status = 'published' OR COALESCE(o.sequence <= c.cursor, 0)), 0)
+               FROM outbox o LEFT JOIN outbox_lanes c ON c.lane = o.lane",
         )
         .fetch_one(&mut *tx)
         .await
@@ -635,9 +1096,8 @@ impl DeadLetters for SqliteOutbox {
     }
 
     async fn dead_letters(&self, limit: usize) -> OutboxResult<Vec<OutboxMessage>> {
-        let sql = format!(
-            "SELECT {ROW_COLUMNS} FROM outbox WHERE status = 'dead' ORDER BY sequence LIMIT ?"
-        );
+        // Dead rows are never in a lane.
+        let sql = format!("{READ_SELECT} WHERE o.status = 'dead' ORDER BY o.sequence LIMIT ?");
         sqlx::query(&sql)
             .bind(i64::try_from(limit).unwrap_or(i64::MAX))
             .fetch_all(self.pool())
@@ -723,14 +1183,39 @@ impl OutboxRetention for SqliteOutbox {
         let mut tx = self.begin_immediate().await?;
         let now = db_now(&mut tx).await?;
         let cutoff = now.saturating_sub(nanos(older_than));
-        let done =
-            sqlx::query("DELETE FROM outbox WHERE status = 'published' AND published_at <= ?")
-                .bind(cutoff)
+        let mut deleted = sqlx::query(
+            "DELETE FROM outbox WHERE lane IS NULL AND status = 'published' AND published_at <= ?",
+        )
+        .bind(cutoff)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?
+        .rows_affected();
+        // Lane rows: those covered by a lane mark older than the cut-off
+        // (per lane, the latest such mark), then those marks.
+        let confirmed: Vec<(i32, i64)> = sqlx::query_as(
+            "SELECT lane, MAX(through) FROM outbox_lane_log WHERE published_at <= ? GROUP BY lane",
+        )
+        .bind(cutoff)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        for (lane, through) in confirmed {
+            deleted += sqlx::query("DELETE FROM outbox WHERE lane = ? AND sequence <= ?")
+                .bind(lane)
+                .bind(through)
                 .execute(&mut *tx)
                 .await
-                .map_err(db_err)?;
+                .map_err(db_err)?
+                .rows_affected();
+        }
+        sqlx::query("DELETE FROM outbox_lane_log WHERE published_at <= ?")
+            .bind(cutoff)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
         tx.commit().await.map_err(db_err)?;
-        Ok(done.rows_affected())
+        Ok(deleted)
     }
 }
 
