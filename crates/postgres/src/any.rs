@@ -9,10 +9,10 @@
 //! service's SQL, its outgoing messages and its inbox entry commit together:
 //!
 //! - each enqueue first takes the transaction-scoped advisory lock of every
-//!   partition key it writes (the same two-part lock, in the same order, as
-//!   `PgOutbox`), so transactions enqueuing to one key commit in the order
-//!   they drew their sequences, and a relay never sees a key's later row
-//!   before an earlier one;
+//!   lane it writes (the same two-part lock, in the same order, as
+//!   `PgOutbox`), so transactions enqueuing to one lane commit in the order
+//!   they drew their sequences, and a lane's cursor never passes a row that
+//!   commits later (see [`vextrus_core::outbox::lanes`]);
 //! - `next_attempt_at` is `least(created_at, now())`, as `PgOutbox` sets it;
 //! - all of it (duplicate check, locks, insert) is one statement;
 //! - it does not notify inside the transaction: after committing, the
@@ -36,7 +36,7 @@ use vextrus_core::transport::{MessageId, OutboundMessage};
 use vextrus_core::unit_of_work::InboxRecord;
 
 use crate::notifier::{CoalescingNotifier, pg_notify};
-use crate::outbox::{KEY_LOCK_CLASS, OUTBOX_NOTIFY_CHANNEL, map_out};
+use crate::outbox::{LANE_LOCK_CLASS, OUTBOX_NOTIFY_CHANNEL, map_out};
 
 /// Enqueues `messages` (in order) into `vextrus_outbox` through `conn`,
 /// which must be inside a transaction the caller commits. Same checks as
@@ -88,6 +88,7 @@ pub async fn enqueue(conn: &mut AnyConnection, messages: &[OutboundMessage]) -> 
             "id": m.id.to_string(),
             "destination": m.destination,
             "partition_key": m.partition_key,
+            "lane": vextrus_core::outbox::lane_of(&m.partition_key),
             "payload": hex(&m.payload),
             "headers": headers,
             // timestamptz keeps microseconds; sqlx's native encoding
@@ -105,7 +106,7 @@ pub async fn enqueue(conn: &mut AnyConnection, messages: &[OutboundMessage]) -> 
     let (taken, inserted, race): (Option<String>, i64, Option<String>) = sqlx::query_as(
         "WITH m AS MATERIALIZED (
              SELECT * FROM json_to_recordset($1::json) AS m(
-                 ord int, id uuid, destination text, partition_key text, payload text,
+                 ord int, id uuid, destination text, partition_key text, lane int, payload text,
                  headers jsonb, created_at timestamptz, created_at_ns bigint)
          ),
          taken AS MATERIALIZED (
@@ -118,16 +119,16 @@ pub async fn enqueue(conn: &mut AnyConnection, messages: &[OutboundMessage]) -> 
          locks AS MATERIALIZED (
              SELECT count(*) AS n FROM (
                  SELECT pg_advisory_xact_lock($2, k)
-                   FROM (SELECT DISTINCT hashtext(partition_key) AS k FROM m
+                   FROM (SELECT DISTINCT lane AS k FROM m
                           WHERE NOT EXISTS (SELECT 1 FROM taken) ORDER BY 1) AS keys
              ) AS l
          ),
          ins AS (
              INSERT INTO vextrus_outbox
                  (id, destination, partition_key, payload, headers, created_at, created_at_ns,
-                  next_attempt_at)
+                  next_attempt_at, lane)
              SELECT m.id, m.destination, m.partition_key, decode(m.payload, 'hex'), m.headers,
-                    m.created_at, m.created_at_ns, LEAST(m.created_at, now())
+                    m.created_at, m.created_at_ns, LEAST(m.created_at, now()), m.lane
                FROM locks, m
               WHERE NOT EXISTS (SELECT 1 FROM taken)
               ORDER BY m.ord
@@ -139,7 +140,7 @@ pub async fn enqueue(conn: &mut AnyConnection, messages: &[OutboundMessage]) -> 
                 (SELECT CASE WHEN count(*) < $3 THEN json_agg(id)::text END FROM ins)",
     )
     .bind(serde_json::Value::from(rows).to_string())
-    .bind(KEY_LOCK_CLASS)
+    .bind(LANE_LOCK_CLASS)
     .bind(i64::try_from(messages.len()).unwrap_or(i64::MAX))
     .fetch_one(&mut *conn)
     .await

@@ -11,9 +11,9 @@ use sqlx::postgres::{PgListener, PgRow};
 use sqlx::{PgConnection, Row};
 use tokio::sync::watch;
 use vextrus_core::outbox::{
-    ClaimRequest, DeadLetterPolicy, DeadLetters, FailureOutcome, OutboxClaimer, OutboxError,
-    OutboxMessage, OutboxResult, OutboxRetention, OutboxStatus, OutboxStatusReport, OutboxStore,
-    PublishFailure, validate_outbound,
+    ClaimRequest, DeadLetterPolicy, DeadLetters, FailureOutcome, LaneLedger, LanePlan,
+    OutboxClaimer, OutboxError, OutboxMessage, OutboxResult, OutboxRetention, OutboxStatus,
+    OutboxStatusReport, OutboxStore, PublishFailure, lane_of, validate_outbound,
 };
 use vextrus_core::transport::{Headers, MessageId, OutboundMessage};
 use vextrus_core::{EventStoreError, WakeUps};
@@ -36,17 +36,50 @@ pub const OUTBOX_MIGRATION: Migration = Migration {
     sql: include_str!("../migrations/0002_outbox_inbox.sql"),
 };
 
-/// The first half of the two-part advisory lock an enqueuer takes per
-/// partition key (the second half is `hashtext(partition_key)`).
-pub(crate) const KEY_LOCK_CLASS: i32 = 0x7662_6f78; // "vbox"
+/// The first half of the two-part advisory lock an enqueuer takes per lane
+/// (the second half is the lane, [`lane_of`] of the partition key). Not the
+/// per-key class of releases before lanes ("vbox"), so the two never meet.
+pub(crate) const LANE_LOCK_CLASS: i32 = 0x766c_616e; // "vlan"
+
+/// The outbox lanes migration (`migrations/0006_outbox_lanes.sql`), version
+/// 6 of [`MIGRATIONS`](crate::MIGRATIONS): the lane column, the lanes'
+/// cursors and leases, and the log of cursor advances.
+pub const OUTBOX_LANES_MIGRATION: Migration = Migration {
+    version: 6,
+    name: "outbox_lanes",
+    sql: include_str!("../migrations/0006_outbox_lanes.sql"),
+};
+
+/// How many lanes one claim leases at most: with several relay workers,
+/// each pipelining a claim behind its publish, the lanes are shared out
+/// instead of the first claim taking every lane with work.
+const LANES_PER_CLAIM: i64 = 16;
 
 /// Durations beyond this are clamped (a timestamp a century ahead is
 /// "never" for a relay, and stays inside PostgreSQL's range).
 const MAX_DELAY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
-/// The columns every row read selects, in the order [`decode_row`] reads them.
-pub(crate) const ROW_COLUMNS: &str = "sequence, id, destination, partition_key, payload, \
-     headers::text, created_at_ns, status, attempts, next_attempt_at, last_error, published_at";
+/// The columns every row read selects, in the order [`decode_row`] reads
+/// them, from [`ROW_FROM`] (`o`: the row, `l`: its lane): a lane row reads
+/// as published, with its lane's confirmation time, once its lane's cursor
+/// has passed it.
+pub(crate) const ROW_COLUMNS: &str = "o.sequence, o.id, o.destination, o.partition_key, o.payload, \
+     o.headers::text, o.created_at_ns, \
+     CASE WHEN o.sequence <= l.cursor THEN 'published' ELSE o.status END, \
+     o.attempts, o.next_attempt_at, o.last_error, \
+     CASE WHEN o.sequence <= l.cursor THEN \
+         (SELECT g.published_at FROM vextrus_outbox_lane_log g \
+           WHERE g.lane = o.lane AND g.through >= o.sequence ORDER BY g.through LIMIT 1) \
+     ELSE o.published_at END";
+
+/// The `FROM` of every row read: the outbox and each lane row's lane.
+pub(crate) const ROW_FROM: &str =
+    "vextrus_outbox o LEFT JOIN vextrus_outbox_lanes l ON l.lane = o.lane";
+
+/// Rows still to publish, over [`ROW_FROM`]: pending on the per-row path,
+/// or in a lane past its cursor.
+pub(crate) const ROW_PENDING: &str =
+    "(o.status = 'pending' AND (o.lane IS NULL OR o.sequence > l.cursor))";
 
 /// The outbox ([`OutboxStore`], [`OutboxClaimer`], [`DeadLetters`],
 /// [`OutboxRetention`]), the inbox ([`vextrus_core::inbox::InboxStore`]) and
@@ -59,27 +92,34 @@ pub(crate) const ROW_COLUMNS: &str = "sequence, id, destination, partition_key, 
 /// `UnitOfWork::enqueue_in_tx` writes it in the caller's open
 /// `sqlx::Transaction`, so one commit covers events, messages, inbox
 /// entries and the service's own SQL. Rows get a `sequence` from an
-/// identity column. Each enqueue first takes a transaction-scoped advisory
-/// lock per partition key (in a fixed order), so transactions enqueuing to
-/// one key commit in the order they drew their sequences: a relay never sees
-/// a key's later row before an earlier one. (Two transactions that each
-/// enqueue several times, to the same keys in opposite orders, can
-/// deadlock; PostgreSQL then aborts one with a transient error.)
+/// identity column and a lane ([`lane_of`] their partition key). Each
+/// enqueue first takes a transaction-scoped advisory lock per lane (in a
+/// fixed order), so transactions enqueuing to one lane commit in the order
+/// they drew their sequences: a relay never sees a lane's later row before
+/// an earlier one, so a lane's cursor never passes a row that commits
+/// later. (Two transactions that each enqueue several times, to the same
+/// lanes in opposite orders, can deadlock; PostgreSQL then aborts one with
+/// a transient error.)
 ///
 /// After a commit the outbox sends `NOTIFY vextrus_outbox` from a
 /// background task (one at a time, shared by concurrent commits); relay
 /// workers LISTEN through [`OutboxClaimer::wake_ups`] and also poll.
 ///
-/// # Claims
+/// # Claims: lanes, and the per-row path
 ///
-/// A claim is one transaction: it selects the keys' heads (a pending row
-/// with no unfinished row of its key before it) that are due and not
-/// leased to another worker, `FOR UPDATE SKIP LOCKED`, then leases each
-/// locked head's run of due, free followers (`claimed_by`, `claimed_until
-/// = now() + lease`). Whoever holds a key's head row lock holds the key, so
-/// concurrent claimers never split a key; every time comparison uses the
-/// database's `now()`. The rule is `vextrus_core::outbox::store`'s, and
-/// matches the in-memory outbox exactly.
+/// (The design: [`vextrus_core::outbox::lanes`].) A claim is one
+/// transaction of two statements. The per-row statement serves rows with
+/// no lane (written before migration 6, or that left their lane): it
+/// selects the keys' heads (a pending row with no unfinished row of its key
+/// before it) that are due and not leased to another worker, `FOR UPDATE
+/// SKIP LOCKED`, then leases each locked head's run of due, free followers.
+/// The lane statement takes up to 16 free lanes with rows past their
+/// cursors (`FOR UPDATE SKIP LOCKED`, oldest first row first), returns
+/// their rows in sequence order up to the batch size, moves off the lanes
+/// the rows whose key has an earlier unfinished per-row row, and leases the
+/// lanes. Settling a lane published whole is one `UPDATE` of its lane row
+/// (its cursor) plus a log mark; nothing is written to the outbox rows.
+/// Every time comparison uses the database's `now()`.
 ///
 /// ```no_run
 /// use std::time::Duration;
@@ -108,6 +148,7 @@ pub struct PgOutbox {
     pub(crate) store: PgEventStore,
     wake: Arc<OnceLock<watch::Receiver<u64>>>,
     notifier: CoalescingNotifier,
+    lanes: Arc<LaneLedger>,
 }
 
 impl PgOutbox {
@@ -115,6 +156,7 @@ impl PgOutbox {
     pub fn new(store: PgEventStore) -> Self {
         Self {
             store,
+            lanes: Arc::new(LaneLedger::default()),
             wake: Arc::new(OnceLock::new()),
             notifier: CoalescingNotifier::default(),
         }
@@ -156,7 +198,7 @@ impl PgOutbox {
     /// Every outbox row (any status), in sequence order.
     pub async fn rows(&self) -> OutboxResult<Vec<OutboxMessage>> {
         let rows = sqlx::query(&format!(
-            "SELECT {ROW_COLUMNS} FROM vextrus_outbox ORDER BY sequence"
+            "SELECT {ROW_COLUMNS} FROM {ROW_FROM} ORDER BY o.sequence"
         ))
         .fetch_all(self.pool())
         .await
@@ -251,30 +293,35 @@ fn to_u64(v: i64) -> u64 {
 
 /// Decodes a row selected with [`ROW_COLUMNS`].
 pub(crate) fn decode_row(row: &PgRow) -> OutboxResult<OutboxMessage> {
+    decode_row_at(row, 0)
+}
+
+/// Decodes [`ROW_COLUMNS`] starting at column `at`.
+fn decode_row_at(row: &PgRow, at: usize) -> OutboxResult<OutboxMessage> {
     let get = |e: sqlx::Error| OutboxError::Backend(Box::new(e));
-    let headers: String = row.try_get(5).map_err(get)?;
+    let headers: String = row.try_get(at + 5).map_err(get)?;
     let headers: Headers = serde_json::from_str(&headers)
         .map_err(|e| OutboxError::Backend(format!("stored headers: {e}").into()))?;
-    let status: String = row.try_get(7).map_err(get)?;
+    let status: String = row.try_get(at + 7).map_err(get)?;
     let status = OutboxStatus::parse(&status)
         .ok_or_else(|| OutboxError::Backend(format!("unknown outbox status {status:?}").into()))?;
-    let attempts: i32 = row.try_get(8).map_err(get)?;
-    let id: uuid::Uuid = row.try_get(1).map_err(get)?;
+    let attempts: i32 = row.try_get(at + 8).map_err(get)?;
+    let id: uuid::Uuid = row.try_get(at + 1).map_err(get)?;
     Ok(OutboxMessage {
         message: OutboundMessage {
             id: MessageId::from(id),
-            destination: row.try_get(2).map_err(get)?,
-            partition_key: row.try_get(3).map_err(get)?,
-            payload: row.try_get(4).map_err(get)?,
+            destination: row.try_get(at + 2).map_err(get)?,
+            partition_key: row.try_get(at + 3).map_err(get)?,
+            payload: row.try_get(at + 4).map_err(get)?,
             headers,
-            created_at: DateTime::from_timestamp_nanos(row.try_get(6).map_err(get)?),
+            created_at: DateTime::from_timestamp_nanos(row.try_get(at + 6).map_err(get)?),
         },
-        sequence: to_u64(row.try_get(0).map_err(get)?),
+        sequence: to_u64(row.try_get(at).map_err(get)?),
         attempts: u32::try_from(attempts).unwrap_or(0),
-        next_attempt_at: row.try_get(9).map_err(get)?,
-        last_error: row.try_get(10).map_err(get)?,
+        next_attempt_at: row.try_get(at + 9).map_err(get)?,
+        last_error: row.try_get(at + 10).map_err(get)?,
         status,
-        published_at: row.try_get(11).map_err(get)?,
+        published_at: row.try_get(at + 11).map_err(get)?,
     })
 }
 
@@ -291,8 +338,8 @@ pub(crate) fn check_batch(messages: &[OutboundMessage]) -> OutboxResult<()> {
 }
 
 /// Inserts `messages` (already checked with [`check_batch`]) on `conn`,
-/// which must be inside a transaction: takes the per-key advisory locks,
-/// then inserts in order. If an id is already stored, removes what it
+/// which must be inside a transaction: takes the lanes' advisory locks
+/// (held to the commit), then inserts in order, each row in its key's lane. If an id is already stored, removes what it
 /// inserted and fails with [`OutboxError::DuplicateMessage`], leaving the
 /// transaction usable and unchanged.
 pub(crate) async fn enqueue_on(
@@ -303,6 +350,7 @@ pub(crate) async fn enqueue_on(
         return Ok(());
     }
     let n = messages.len();
+    let mut lanes = Vec::with_capacity(n);
     let (mut ids, mut dests, mut keys, mut payloads, mut headers, mut created, mut nanos) = (
         Vec::with_capacity(n),
         Vec::with_capacity(n),
@@ -316,6 +364,7 @@ pub(crate) async fn enqueue_on(
         ids.push(m.id.as_uuid());
         dests.push(m.destination.as_str());
         keys.push(m.partition_key.as_str());
+        lanes.push(lane_of(&m.partition_key));
         payloads.push(m.payload.as_slice());
         headers.push(
             serde_json::to_string(&m.headers)
@@ -333,20 +382,20 @@ pub(crate) async fn enqueue_on(
         "WITH locks AS MATERIALIZED (
              SELECT count(*) AS n FROM (
                  SELECT pg_advisory_xact_lock($7, k)
-                   FROM (SELECT DISTINCT hashtext(key) AS k
-                           FROM unnest($3::text[]) AS key ORDER BY 1) AS keys
+                   FROM (SELECT DISTINCT lane AS k
+                           FROM unnest($9::int[]) AS lane ORDER BY 1) AS lanes
              ) AS l
          )
          INSERT INTO vextrus_outbox
              (id, destination, partition_key, payload, headers, created_at, created_at_ns,
-              next_attempt_at)
+              next_attempt_at, lane)
          SELECT m.id, m.destination, m.partition_key, m.payload, m.headers::jsonb,
-                m.created_at, m.created_at_ns, LEAST(m.created_at, now())
+                m.created_at, m.created_at_ns, LEAST(m.created_at, now()), m.lane
            FROM locks,
                 unnest($1::uuid[], $2::text[], $3::text[], $4::bytea[], $5::text[],
-                       $6::timestamptz[], $8::bigint[])
+                       $6::timestamptz[], $8::bigint[], $9::int[])
                 WITH ORDINALITY AS m(id, destination, partition_key, payload, headers,
-                                     created_at, created_at_ns, ord)
+                                     created_at, created_at_ns, lane, ord)
           ORDER BY m.ord
          ON CONFLICT (id) DO NOTHING
          RETURNING id",
@@ -357,8 +406,9 @@ pub(crate) async fn enqueue_on(
     .bind(&payloads)
     .bind(&headers)
     .bind(&created)
-    .bind(KEY_LOCK_CLASS)
+    .bind(LANE_LOCK_CLASS)
     .bind(&nanos)
+    .bind(&lanes)
     .fetch_all(&mut *conn)
     .await
     .map_err(map_out)?;
@@ -392,7 +442,7 @@ impl OutboxStore for PgOutbox {
 
     async fn get(&self, id: MessageId) -> OutboxResult<Option<OutboxMessage>> {
         let row = sqlx::query(&format!(
-            "SELECT {ROW_COLUMNS} FROM vextrus_outbox WHERE id = $1"
+            "SELECT {ROW_COLUMNS} FROM {ROW_FROM} WHERE o.id = $1"
         ))
         .bind(id.as_uuid())
         .fetch_optional(self.pool())
@@ -418,120 +468,21 @@ impl OutboxClaimer for PgOutbox {
             .execute(&mut *tx)
             .await
             .map_err(map_out)?;
-        // The heads: each key's first unfinished row, if it is pending, due
-        // and free. Holding a head's row lock holds its key. The first rows
-        // come from a skip scan over the (partition_key, sequence) index:
-        // one descent per key with unfinished rows, whatever the backlog.
-        let heads: Vec<(i64, String)> = sqlx::query_as(
-            "WITH RECURSIVE firsts AS (
-                 (SELECT p.partition_key, p.sequence
-                    FROM vextrus_outbox p
-                   WHERE p.status <> 'published' AND (p.status = 'pending' OR $2)
-                   ORDER BY p.partition_key, p.sequence
-                   LIMIT 1)
-                 UNION ALL
-                 SELECT n.partition_key, n.sequence
-                   FROM firsts f
-                  CROSS JOIN LATERAL (
-                      SELECT p.partition_key, p.sequence
-                        FROM vextrus_outbox p
-                       WHERE p.status <> 'published' AND (p.status = 'pending' OR $2)
-                         AND p.partition_key > f.partition_key
-                       ORDER BY p.partition_key, p.sequence
-                       LIMIT 1
-                  ) AS n
-             )
-             SELECT o.sequence, o.partition_key
-               FROM firsts f
-               JOIN vextrus_outbox o ON o.sequence = f.sequence
-              WHERE o.status = 'pending'
-                AND o.next_attempt_at <= now()
-                AND (o.claimed_until IS NULL OR o.claimed_until <= now() OR o.claimed_by = $1)
-              ORDER BY o.sequence
-              LIMIT $3
-              FOR UPDATE OF o SKIP LOCKED",
-        )
-        .bind(&req.worker)
-        .bind(block)
-        .bind(limit)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(map_out)?;
-        if heads.is_empty() {
-            tx.commit().await.map_err(map_out)?;
-            return Ok(Vec::new());
-        }
-        let (seqs, keys): (Vec<i64>, Vec<String>) = heads.into_iter().unzip();
-        let fair = req.limit.div_ceil(keys.len());
-        let per_key = limit.min(i64::try_from(fair.saturating_mul(2).max(64)).unwrap_or(i64::MAX));
-        // Each locked head's run of claimable rows, up to the first row
-        // that is not (not due, leased to another worker, or a dead letter
-        // under BlockKey); dead letters under SkipKey are stepped over. A
-        // key contributes at most `per_key` rows (twice its fair share of
-        // the batch, at least 64): reading every key's whole run (up to
-        // `limit` rows each) read the whole backlog on every claim. The
-        // batch is the runs' first rows in sequence order, so it spreads
-        // over the keys (a key's rows are published one after another, the
-        // keys at once) instead of holding a few keys' long runs.
-        let rows = sqlx::query(&format!(
-            "WITH heads AS (
-                 SELECT * FROM unnest($1::bigint[], $2::text[]) AS h(seq, key)
-             ),
-             cand AS (
-                 SELECT c.sequence, c.partition_key, c.ok
-                   FROM heads h
-                   CROSS JOIN LATERAL (
-                       SELECT o.sequence, o.partition_key,
-                              (o.status = 'pending' AND o.next_attempt_at <= now()
-                               AND (o.claimed_until IS NULL OR o.claimed_until <= now()
-                                    OR o.claimed_by = $3)) AS ok
-                         FROM vextrus_outbox o
-                        WHERE o.partition_key = h.key
-                          AND o.sequence >= h.seq
-                          AND o.status <> 'published'
-                          AND (o.status = 'pending' OR $4)
-                        ORDER BY o.sequence
-                        LIMIT $7
-                   ) AS c
-             ),
-             first_bad AS (
-                 SELECT partition_key, min(sequence) AS bad
-                   FROM cand WHERE NOT ok GROUP BY partition_key
-             ),
-             picked AS (
-                 SELECT c.sequence
-                   FROM cand c LEFT JOIN first_bad f USING (partition_key)
-                  WHERE c.ok AND (f.bad IS NULL OR c.sequence < f.bad)
-                  ORDER BY c.sequence
-                  LIMIT $5
-             )
-             UPDATE vextrus_outbox o
-                SET claimed_by = $3,
-                    claimed_until = now() + make_interval(secs => $6::float8 / 1e6)
-              WHERE o.sequence = ANY (ARRAY(SELECT sequence FROM picked))
-                AND o.status = 'pending'
-              RETURNING {cols}",
-            cols = ROW_COLUMNS
-                .split(", ")
-                .map(|c| format!("o.{c}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        ))
-        .bind(&seqs)
-        .bind(&keys)
-        .bind(&req.worker)
-        .bind(block)
-        .bind(limit)
-        .bind(micros(req.lease) as f64)
-        .bind(per_key)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(map_out)?;
+        let mut out = claim_per_row(&mut tx, req, block, limit).await?;
+        let room = limit - i64::try_from(out.len()).unwrap_or(limit);
+        let lane_rows = if room > 0 {
+            claim_lanes(&mut tx, req, block, room).await?
+        } else {
+            Vec::new()
+        };
         tx.commit().await.map_err(map_out)?;
-        let mut out = rows
-            .iter()
-            .map(decode_row)
-            .collect::<OutboxResult<Vec<_>>>()?;
+        self.lanes.record(
+            &req.worker,
+            lane_rows
+                .iter()
+                .map(|(lane, m)| (*lane, m.sequence, m.id())),
+        );
+        out.extend(lane_rows.into_iter().map(|(_, m)| m));
         out.sort_unstable_by_key(|m| m.sequence);
         Ok(out)
     }
@@ -540,18 +491,8 @@ impl OutboxClaimer for PgOutbox {
         if ids.is_empty() {
             return Ok(());
         }
-        let ids: Vec<uuid::Uuid> = ids.iter().map(MessageId::as_uuid).collect();
-        sqlx::query(
-            "UPDATE vextrus_outbox
-                SET status = 'published', published_at = now(),
-                    claimed_by = NULL, claimed_until = NULL
-              WHERE id = ANY($1) AND status = 'pending'",
-        )
-        .bind(&ids)
-        .execute(self.pool())
-        .await
-        .map_err(map_out)?;
-        Ok(())
+        let plan = self.lanes.plan(None, ids, &[], &[]);
+        self.write_plan(None, &plan, &[]).await.map(drop)
     }
 
     async fn mark_failed(
@@ -559,61 +500,23 @@ impl OutboxClaimer for PgOutbox {
         id: MessageId,
         failure: &PublishFailure,
     ) -> OutboxResult<FailureOutcome> {
-        let row: Option<(String, i32, DateTime<Utc>)> = sqlx::query_as(
-            "UPDATE vextrus_outbox
-                SET attempts = attempts + 1,
-                    last_error = $2,
-                    claimed_by = NULL, claimed_until = NULL,
-                    status = CASE WHEN $3 OR attempts + 1 >= $4 THEN 'dead' ELSE 'pending' END,
-                    next_attempt_at = CASE WHEN $3 OR attempts + 1 >= $4 THEN next_attempt_at
-                        ELSE now() + make_interval(secs => $5::float8 / 1e6) END
-              WHERE id = $1 AND status = 'pending'
-              RETURNING status, attempts, next_attempt_at",
-        )
-        .bind(id.as_uuid())
-        .bind(&failure.error)
-        .bind(failure.dead_now)
-        .bind(i64::from(failure.max_attempts))
-        .bind(micros(failure.retry_in) as f64)
-        .fetch_optional(self.pool())
-        .await
-        .map_err(map_out)?;
-        match row {
-            None if self.exists(id).await? => Ok(FailureOutcome::Settled),
-            None => Err(OutboxError::NotFound(id)),
-            Some((status, attempts, next_attempt_at)) => {
-                let attempts = u32::try_from(attempts).unwrap_or(0);
-                if status == OutboxStatus::Dead.as_str() {
-                    Ok(FailureOutcome::Dead { attempts })
-                } else {
-                    Ok(FailureOutcome::Retrying {
-                        attempts,
-                        next_attempt_at,
-                    })
-                }
-            }
-        }
+        let plan = self.lanes.plan(None, &[], &[id], &[]);
+        let failed = [(id, failure.clone())];
+        let rows = self.write_plan(None, &plan, &failed).await?;
+        Ok(self.outcomes(&failed, &rows).await?.remove(0))
     }
 
     async fn release(&self, worker: &str, ids: &[MessageId]) -> OutboxResult<()> {
         if ids.is_empty() {
             return Ok(());
         }
-        let ids: Vec<uuid::Uuid> = ids.iter().map(MessageId::as_uuid).collect();
-        sqlx::query(
-            "UPDATE vextrus_outbox SET claimed_by = NULL, claimed_until = NULL
-              WHERE id = ANY($2) AND claimed_by = $1",
-        )
-        .bind(worker)
-        .bind(&ids)
-        .execute(self.pool())
-        .await
-        .map_err(map_out)?;
-        Ok(())
+        let plan = self.lanes.plan(Some(worker), &[], &[], ids);
+        self.write_plan(Some(worker), &plan, &[]).await.map(drop)
     }
 
     /// One statement (so one transaction and one round trip) for the whole
-    /// batch: the published rows, each failure (as
+    /// batch: lanes settled whole advance their cursors; the rest is
+    /// written row by row — published rows past a cursor, each failure (as
     /// [`mark_failed`](OutboxClaimer::mark_failed)) and the releases, on
     /// disjoint rows. A failed id that matched no pending row is looked up
     /// afterwards: [`FailureOutcome::Settled`] if it exists, else
@@ -628,34 +531,149 @@ impl OutboxClaimer for PgOutbox {
         if published.is_empty() && failed.is_empty() && released.is_empty() {
             return Ok(Vec::new());
         }
+        let fail_ids: Vec<MessageId> = failed.iter().map(|(id, _)| *id).collect();
+        let plan = self
+            .lanes
+            .plan(Some(worker), published, &fail_ids, released);
+        let rows = self.write_plan(Some(worker), &plan, failed).await?;
+        self.outcomes(failed, &rows).await
+    }
+
+    async fn wake_ups(&self) -> OutboxResult<WakeUps> {
+        Ok(WakeUps::from_watch(self.wake_receiver()))
+    }
+}
+
+/// A failed row as the settle statement returns it: id, status, attempts,
+/// next attempt.
+type FailedRow = (uuid::Uuid, String, i32, DateTime<Utc>);
+
+impl PgOutbox {
+    /// Writes a [`LanePlan`] in one statement (see [`OutboxClaimer::settle`]):
+    ///
+    /// - `held`: the lanes the plan acts on that are still leased to the
+    ///   worker named for them, locked (`FOR UPDATE`) so a claim taking an
+    ///   expired lease over waits or is waited for;
+    /// - per-row published, failed and released rows as before lanes; a
+    ///   lane row nobody in this process holds is settled on its own row
+    ///   (leaving its lane, unless its lane's cursor already passed it)
+    ///   only through the worker-less `mark_published`/`mark_failed`: a
+    ///   worker's settle never touches a lane it does not hold (its lease
+    ///   ran out, and another worker took the lane over);
+    /// - lane rows published past a cursor and lane failures, only where
+    ///   `held` has their lane;
+    /// - the lanes' advances (cursor, end of lease) and a log mark per
+    ///   cursor that moved.
+    ///
+    /// `failed` carries the failures of `plan`'s failed ids. If the
+    /// statement fails, the plan's lanes are forgotten (their leases run
+    /// out and they are claimed again from their cursors).
+    async fn write_plan(
+        &self,
+        worker: Option<&str>,
+        plan: &LanePlan,
+        failed: &[(MessageId, PublishFailure)],
+    ) -> OutboxResult<Vec<FailedRow>> {
+        if plan.is_empty() {
+            return Ok(Vec::new());
+        }
         let uuids = |ids: &[MessageId]| ids.iter().map(MessageId::as_uuid).collect::<Vec<_>>();
-        let fail_ids: Vec<uuid::Uuid> = failed.iter().map(|(id, _)| id.as_uuid()).collect();
-        let errors: Vec<&str> = failed.iter().map(|(_, f)| f.error.as_str()).collect();
-        let dead_now: Vec<bool> = failed.iter().map(|(_, f)| f.dead_now).collect();
-        let max_attempts: Vec<i64> = failed
+        // Failures: per-row ids (no guard), then lane rows (guard = lane, worker).
+        let mut f_ids = Vec::new();
+        let mut f_lanes: Vec<Option<i32>> = Vec::new();
+        let mut f_workers: Vec<Option<&str>> = Vec::new();
+        let failure_of = |id: MessageId| failed.iter().find(|(f, _)| *f == id).map(|(_, f)| f);
+        let mut f_errors = Vec::new();
+        let mut f_dead = Vec::new();
+        let mut f_max = Vec::new();
+        let mut f_retry = Vec::new();
+        let guarded = plan
+            .lane_failed
             .iter()
-            .map(|(_, f)| i64::from(f.max_attempts))
-            .collect();
-        let retry_in: Vec<f64> = failed
+            .map(|r| (r.id, Some(r.lane), Some(r.worker.as_str())));
+        for (id, lane, w) in plan
+            .per_row_failed
             .iter()
-            .map(|(_, f)| micros(f.retry_in) as f64)
+            .map(|id| (*id, None, None))
+            .chain(guarded)
+        {
+            let Some(f) = failure_of(id) else { continue };
+            f_ids.push(id.as_uuid());
+            f_lanes.push(lane);
+            f_workers.push(w);
+            f_errors.push(f.error.as_str());
+            f_dead.push(f.dead_now);
+            f_max.push(i64::from(f.max_attempts));
+            f_retry.push(micros(f.retry_in) as f64);
+        }
+        // Every lane the plan relies on, with the worker that must hold it.
+        let mut g_lanes = Vec::new();
+        let mut g_workers = Vec::new();
+        for (lane, w) in plan
+            .lane_published
+            .iter()
+            .chain(&plan.lane_failed)
+            .map(|r| (r.lane, r.worker.as_str()))
+            .chain(plan.advances.iter().map(|a| (a.lane, a.worker.as_str())))
+        {
+            if !g_lanes
+                .iter()
+                .zip(&g_workers)
+                .any(|(l, x)| *l == lane && *x == w)
+            {
+                g_lanes.push(lane);
+                g_workers.push(w);
+            }
+        }
+        let lp_ids: Vec<uuid::Uuid> = plan.lane_published.iter().map(|r| r.id.as_uuid()).collect();
+        let lp_lanes: Vec<i32> = plan.lane_published.iter().map(|r| r.lane).collect();
+        let lp_workers: Vec<&str> = plan
+            .lane_published
+            .iter()
+            .map(|r| r.worker.as_str())
             .collect();
-        let rows: Vec<(uuid::Uuid, String, i32, DateTime<Utc>)> = sqlx::query_as(
-            "WITH published AS (
-                 UPDATE vextrus_outbox
+        let a_lanes: Vec<i32> = plan.advances.iter().map(|a| a.lane).collect();
+        let a_workers: Vec<&str> = plan.advances.iter().map(|a| a.worker.as_str()).collect();
+        let a_cursors: Vec<Option<i64>> = plan
+            .advances
+            .iter()
+            .map(|a| a.cursor.map(|c| i64::try_from(c).unwrap_or(i64::MAX)))
+            .collect();
+        let result: Result<Vec<FailedRow>, sqlx::Error> = sqlx::query_as(
+            "WITH held AS MATERIALIZED (
+                 SELECT l.lane, l.claimed_by, l.cursor
+                   FROM vextrus_outbox_lanes l
+                   JOIN unnest($1::int[], $2::text[]) AS g(lane, worker)
+                     ON l.lane = g.lane AND l.claimed_by = g.worker
+                    FOR UPDATE OF l
+             ),
+             published AS (
+                 UPDATE vextrus_outbox o
                     SET status = 'published', published_at = now(),
-                        claimed_by = NULL, claimed_until = NULL
-                  WHERE id = ANY($1) AND status = 'pending'
+                        claimed_by = NULL, claimed_until = NULL, lane = NULL
+                  WHERE o.id = ANY($3) AND o.status = 'pending'
+                    AND (o.lane IS NULL
+                         OR ($19 AND o.sequence > (SELECT c2.cursor FROM vextrus_outbox_lanes c2
+                                                    WHERE c2.lane = o.lane)))
+             ),
+             lane_published AS (
+                 UPDATE vextrus_outbox o
+                    SET status = 'published', published_at = now(), lane = NULL
+                   FROM unnest($4::uuid[], $5::int[], $6::text[]) AS r(id, lane, worker)
+                   JOIN held h ON h.lane = r.lane AND h.claimed_by = r.worker
+                  WHERE o.id = r.id AND o.lane = r.lane AND o.sequence > h.cursor
              ),
              f AS (
-                 SELECT * FROM unnest($2::uuid[], $3::text[], $4::bool[], $5::bigint[],
-                                      $6::float8[]) AS f(id, error, dead_now, max_attempts, retry_in)
+                 SELECT * FROM unnest($7::uuid[], $8::int[], $9::text[], $10::text[],
+                                      $11::bool[], $12::bigint[], $13::float8[])
+                          AS f(id, guard_lane, guard_worker, error, dead_now, max_attempts,
+                               retry_in)
              ),
              failed AS (
                  UPDATE vextrus_outbox o
                     SET attempts = o.attempts + 1,
                         last_error = f.error,
-                        claimed_by = NULL, claimed_until = NULL,
+                        claimed_by = NULL, claimed_until = NULL, lane = NULL,
                         status = CASE WHEN f.dead_now OR o.attempts + 1 >= f.max_attempts
                                       THEN 'dead' ELSE 'pending' END,
                         next_attempt_at = CASE WHEN f.dead_now OR o.attempts + 1 >= f.max_attempts
@@ -663,26 +681,77 @@ impl OutboxClaimer for PgOutbox {
                                                ELSE now() + make_interval(secs => f.retry_in / 1e6)
                                           END
                    FROM f
+                   LEFT JOIN held h ON h.lane = f.guard_lane AND h.claimed_by = f.guard_worker
                   WHERE o.id = f.id AND o.status = 'pending'
+                    AND CASE WHEN f.guard_lane IS NULL
+                             THEN o.lane IS NULL
+                                  OR ($19 AND o.sequence > (SELECT c.cursor
+                                                              FROM vextrus_outbox_lanes c
+                                                             WHERE c.lane = o.lane))
+                             ELSE h.lane IS NOT NULL AND o.lane = f.guard_lane
+                                  AND o.sequence > h.cursor
+                        END
                   RETURNING o.id, o.status, o.attempts, o.next_attempt_at
              ),
              released AS (
                  UPDATE vextrus_outbox SET claimed_by = NULL, claimed_until = NULL
-                  WHERE id = ANY($8) AND claimed_by = $7
+                  WHERE id = ANY($14) AND claimed_by = $15 AND lane IS NULL
+             ),
+             adv AS (
+                 SELECT a.lane, a.cursor, h.cursor AS old
+                   FROM unnest($16::int[], $17::text[], $18::bigint[]) AS a(lane, worker, cursor)
+                   JOIN held h ON h.lane = a.lane AND h.claimed_by = a.worker
+             ),
+             advanced AS (
+                 UPDATE vextrus_outbox_lanes l
+                    SET cursor = GREATEST(l.cursor, COALESCE(a.cursor, l.cursor)),
+                        claimed_by = NULL, claimed_until = NULL
+                   FROM adv a
+                  WHERE l.lane = a.lane
+             ),
+             marks AS (
+                 INSERT INTO vextrus_outbox_lane_log (lane, through, published_at)
+                 SELECT lane, cursor, now() FROM adv WHERE cursor > old
+                 ON CONFLICT (lane, through) DO NOTHING
              )
              SELECT id, status, attempts, next_attempt_at FROM failed",
         )
-        .bind(uuids(published))
-        .bind(&fail_ids)
-        .bind(&errors)
-        .bind(&dead_now)
-        .bind(&max_attempts)
-        .bind(&retry_in)
-        .bind(worker)
-        .bind(uuids(released))
+        .bind(&g_lanes)
+        .bind(&g_workers)
+        .bind(uuids(&plan.per_row_published))
+        .bind(&lp_ids)
+        .bind(&lp_lanes)
+        .bind(&lp_workers)
+        .bind(&f_ids)
+        .bind(&f_lanes)
+        .bind(&f_workers)
+        .bind(&f_errors)
+        .bind(&f_dead)
+        .bind(&f_max)
+        .bind(&f_retry)
+        .bind(uuids(&plan.per_row_released))
+        .bind(worker.unwrap_or(""))
+        .bind(&a_lanes)
+        .bind(&a_workers)
+        .bind(&a_cursors)
+        .bind(worker.is_none())
         .fetch_all(self.pool())
-        .await
-        .map_err(map_out)?;
+        .await;
+        result.map_err(|e| {
+            for (lane, w) in g_lanes.iter().zip(&g_workers) {
+                self.lanes.forget(w, *lane);
+            }
+            map_out(e)
+        })
+    }
+
+    /// Each failure's outcome, in the order of `failed`, from the rows the
+    /// settle statement returned.
+    async fn outcomes(
+        &self,
+        failed: &[(MessageId, PublishFailure)],
+        rows: &[FailedRow],
+    ) -> OutboxResult<Vec<FailureOutcome>> {
         let mut outcomes = Vec::with_capacity(failed.len());
         for (id, _) in failed {
             let outcome = match rows.iter().find(|r| r.0 == id.as_uuid()) {
@@ -704,25 +773,236 @@ impl OutboxClaimer for PgOutbox {
         }
         Ok(outcomes)
     }
+}
 
-    async fn wake_ups(&self) -> OutboxResult<WakeUps> {
-        Ok(WakeUps::from_watch(self.wake_receiver()))
+/// The per-row part of a claim, in the caller's transaction: rows with no
+/// lane (written before lanes, or that left their lane), by the per-key
+/// head rule of [`vextrus_core::outbox::store`], leased row by row.
+async fn claim_per_row(
+    tx: &mut PgConnection,
+    req: &ClaimRequest,
+    block: bool,
+    limit: i64,
+) -> OutboxResult<Vec<OutboxMessage>> {
+    // The heads: each key's first unfinished row, if it is pending, due
+    // and free. Holding a head's row lock holds its key. The first rows
+    // come from a skip scan over the (partition_key, sequence) index: one
+    // descent per key with unfinished per-row rows, whatever the backlog.
+    let heads: Vec<(i64, String)> = sqlx::query_as(
+        "WITH RECURSIVE firsts AS (
+             (SELECT p.partition_key, p.sequence
+                FROM vextrus_outbox p
+               WHERE p.status <> 'published' AND p.lane IS NULL
+                 AND (p.status = 'pending' OR $2)
+               ORDER BY p.partition_key, p.sequence
+               LIMIT 1)
+             UNION ALL
+             SELECT n.partition_key, n.sequence
+               FROM firsts f
+              CROSS JOIN LATERAL (
+                  SELECT p.partition_key, p.sequence
+                    FROM vextrus_outbox p
+                   WHERE p.status <> 'published' AND p.lane IS NULL
+                     AND (p.status = 'pending' OR $2)
+                     AND p.partition_key > f.partition_key
+                   ORDER BY p.partition_key, p.sequence
+                   LIMIT 1
+              ) AS n
+         )
+         SELECT o.sequence, o.partition_key
+           FROM firsts f
+           JOIN vextrus_outbox o ON o.sequence = f.sequence
+          WHERE o.status = 'pending' AND o.lane IS NULL
+            AND o.next_attempt_at <= now()
+            AND (o.claimed_until IS NULL OR o.claimed_until <= now() OR o.claimed_by = $1)
+          ORDER BY o.sequence
+          LIMIT $3
+          FOR UPDATE OF o SKIP LOCKED",
+    )
+    .bind(&req.worker)
+    .bind(block)
+    .bind(limit)
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(map_out)?;
+    if heads.is_empty() {
+        return Ok(Vec::new());
     }
+    let (seqs, keys): (Vec<i64>, Vec<String>) = heads.into_iter().unzip();
+    let fair = req.limit.div_ceil(keys.len());
+    let per_key = limit.min(i64::try_from(fair.saturating_mul(2).max(64)).unwrap_or(i64::MAX));
+    // Each locked head's run of claimable rows, up to the first row that
+    // is not (not due, leased to another worker, or a dead letter under
+    // BlockKey); dead letters under SkipKey are stepped over. A key
+    // contributes at most `per_key` rows (twice its fair share of the
+    // batch, at least 64). The batch is the runs' first rows in sequence
+    // order, so it spreads over the keys.
+    let rows = sqlx::query(&format!(
+        "WITH heads AS (
+             SELECT * FROM unnest($1::bigint[], $2::text[]) AS h(seq, key)
+         ),
+         cand AS (
+             SELECT c.sequence, c.partition_key, c.ok
+               FROM heads h
+               CROSS JOIN LATERAL (
+                   SELECT o.sequence, o.partition_key,
+                          (o.status = 'pending' AND o.next_attempt_at <= now()
+                           AND (o.claimed_until IS NULL OR o.claimed_until <= now()
+                                OR o.claimed_by = $3)) AS ok
+                     FROM vextrus_outbox o
+                    WHERE o.partition_key = h.key
+                      AND o.sequence >= h.seq
+                      AND o.status <> 'published' AND o.lane IS NULL
+                      AND (o.status = 'pending' OR $4)
+                    ORDER BY o.sequence
+                    LIMIT $7
+               ) AS c
+         ),
+         first_bad AS (
+             SELECT partition_key, min(sequence) AS bad
+               FROM cand WHERE NOT ok GROUP BY partition_key
+         ),
+         picked AS (
+             SELECT c.sequence
+               FROM cand c LEFT JOIN first_bad f USING (partition_key)
+              WHERE c.ok AND (f.bad IS NULL OR c.sequence < f.bad)
+              ORDER BY c.sequence
+              LIMIT $5
+         )
+         UPDATE vextrus_outbox o
+            SET claimed_by = $3,
+                claimed_until = now() + make_interval(secs => $6::float8 / 1e6)
+          WHERE o.sequence = ANY (ARRAY(SELECT sequence FROM picked))
+            AND o.status = 'pending' AND o.lane IS NULL
+          RETURNING {RETURNED}"
+    ))
+    .bind(&seqs)
+    .bind(&keys)
+    .bind(&req.worker)
+    .bind(block)
+    .bind(limit)
+    .bind(micros(req.lease) as f64)
+    .bind(per_key)
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(map_out)?;
+    rows.iter().map(decode_row).collect()
+}
+
+/// The columns of a row being claimed (still pending, not yet published),
+/// in [`decode_row`]'s order, from `o`.
+const RETURNED: &str = "o.sequence, o.id, o.destination, o.partition_key, o.payload, \
+     o.headers::text, o.created_at_ns, o.status, o.attempts, o.next_attempt_at, \
+     o.last_error, o.published_at";
+
+/// The lane part of a claim, in the caller's transaction (see
+/// [`vextrus_core::outbox::lanes`]): up to [`LANES_PER_CLAIM`] free lanes
+/// with rows past their cursors, oldest first row first, locked `FOR
+/// UPDATE SKIP LOCKED`; their rows past the cursors in sequence order (a
+/// prefix of each lane) up to `limit`. A row whose key has an earlier
+/// unfinished per-row row (a retry, or under `BlockKey` a dead letter)
+/// leaves its lane (still pending, due now) and is not returned. Lanes that
+/// return rows are leased to the worker; a lane whose rows all left it
+/// moves its cursor past them. Returns `(lane, row)` pairs.
+async fn claim_lanes(
+    tx: &mut PgConnection,
+    req: &ClaimRequest,
+    block: bool,
+    limit: i64,
+) -> OutboxResult<Vec<(i32, OutboxMessage)>> {
+    let rows = sqlx::query(&format!(
+        "WITH free AS MATERIALIZED (
+             SELECT l.lane, l.cursor, h.head
+               FROM vextrus_outbox_lanes l
+              CROSS JOIN LATERAL (
+                  SELECT o.sequence AS head FROM vextrus_outbox o
+                   WHERE o.lane = l.lane AND o.sequence > l.cursor
+                   ORDER BY o.sequence LIMIT 1
+              ) AS h
+              WHERE l.claimed_by IS NULL OR l.claimed_until <= now()
+              ORDER BY h.head
+              LIMIT $4
+                FOR UPDATE OF l SKIP LOCKED
+         ),
+         cand AS MATERIALIZED (
+             SELECT f.lane, c.sequence, c.partition_key
+               FROM free f
+              CROSS JOIN LATERAL (
+                  SELECT o.sequence, o.partition_key FROM vextrus_outbox o
+                   WHERE o.lane = f.lane AND o.sequence > f.cursor
+                   ORDER BY o.sequence LIMIT $3
+              ) AS c
+              ORDER BY c.sequence
+              LIMIT $3
+         ),
+         blocks AS MATERIALIZED (
+             SELECT k.partition_key, b.seq
+               FROM (SELECT DISTINCT partition_key FROM cand) AS k
+              CROSS JOIN LATERAL (
+                  SELECT min(u.sequence) AS seq FROM vextrus_outbox u
+                   WHERE u.partition_key = k.partition_key
+                     AND u.status <> 'published' AND u.lane IS NULL
+                     AND (u.status = 'pending' OR $2)
+              ) AS b
+              WHERE b.seq IS NOT NULL
+         ),
+         marked AS MATERIALIZED (
+             SELECT c.lane, c.sequence, (b.seq IS NOT NULL AND c.sequence > b.seq) AS held
+               FROM cand c LEFT JOIN blocks b USING (partition_key)
+         ),
+         diverted AS (
+             UPDATE vextrus_outbox o
+                SET lane = NULL, next_attempt_at = LEAST(o.next_attempt_at, now())
+               FROM marked m
+              WHERE m.held AND o.sequence = m.sequence
+         ),
+         leased AS (
+             UPDATE vextrus_outbox_lanes l
+                SET claimed_by = CASE WHEN s.leased THEN $1 END,
+                    claimed_until = CASE WHEN s.leased
+                        THEN now() + make_interval(secs => $5::float8 / 1e6) END,
+                    cursor = CASE WHEN s.leased THEN l.cursor ELSE s.through END
+               FROM (SELECT lane, max(sequence) AS through, bool_or(NOT held) AS leased
+                       FROM marked GROUP BY lane) AS s
+              WHERE l.lane = s.lane
+         )
+         SELECT m.lane, {RETURNED}
+           FROM marked m JOIN vextrus_outbox o ON o.sequence = m.sequence
+          WHERE NOT m.held
+          ORDER BY m.sequence"
+    ))
+    .bind(&req.worker)
+    .bind(block)
+    .bind(limit)
+    .bind(LANES_PER_CLAIM)
+    .bind(micros(req.lease) as f64)
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(map_out)?;
+    rows.iter()
+        .map(|row| {
+            let lane: i32 = row
+                .try_get(0)
+                .map_err(|e| OutboxError::Backend(Box::new(e)))?;
+            Ok((lane, decode_row_at(row, 1)?))
+        })
+        .collect()
 }
 
 impl DeadLetters for PgOutbox {
     async fn status(&self) -> OutboxResult<OutboxStatusReport> {
-        let (pending, dead, published, age): (i64, i64, i64, Option<f64>) = sqlx::query_as(
-            "SELECT count(*) FILTER (WHERE status = 'pending'),
-                    count(*) FILTER (WHERE status = 'dead'),
-                    count(*) FILTER (WHERE status = 'published'),
-                    EXTRACT(EPOCH FROM now() - min(created_at)
-                                     FILTER (WHERE status = 'pending'))::float8
-               FROM vextrus_outbox",
-        )
-        .fetch_one(self.pool())
-        .await
-        .map_err(map_out)?;
+        let (pending, dead, published, age): (i64, i64, i64, Option<f64>) =
+            sqlx::query_as(&format!(
+                "SELECT count(*) FILTER (WHERE {ROW_PENDING}),
+                        count(*) FILTER (WHERE o.status = 'dead'),
+                        count(*) FILTER (WHERE o.status = 'published' OR o.sequence <= l.cursor),
+                        EXTRACT(EPOCH FROM now() - min(o.created_at)
+                                         FILTER (WHERE {ROW_PENDING}))::float8
+                   FROM {ROW_FROM}"
+            ))
+            .fetch_one(self.pool())
+            .await
+            .map_err(map_out)?;
         Ok(OutboxStatusReport {
             pending: to_u64(pending),
             oldest_pending_age: age
@@ -734,8 +1014,8 @@ impl DeadLetters for PgOutbox {
 
     async fn dead_letters(&self, limit: usize) -> OutboxResult<Vec<OutboxMessage>> {
         let rows = sqlx::query(&format!(
-            "SELECT {ROW_COLUMNS} FROM vextrus_outbox WHERE status = 'dead' \
-             ORDER BY sequence LIMIT $1"
+            "SELECT {ROW_COLUMNS} FROM {ROW_FROM} WHERE o.status = 'dead' \
+             ORDER BY o.sequence LIMIT $1"
         ))
         .bind(i64::try_from(limit).unwrap_or(i64::MAX))
         .fetch_all(self.pool())
@@ -796,17 +1076,38 @@ impl DeadLetters for PgOutbox {
 }
 
 impl OutboxRetention for PgOutbox {
+    /// Per-row published rows confirmed before the cutoff, and lane rows
+    /// whose lane's cursor passed them before it (by the lanes' log marks,
+    /// which go with them).
     async fn purge_published(&self, older_than: Duration) -> OutboxResult<u64> {
-        Ok(sqlx::query(
-            "DELETE FROM vextrus_outbox
-              WHERE status = 'published'
-                AND published_at <= now() - make_interval(secs => $1::float8 / 1e6)",
+        let n: i64 = sqlx::query_scalar(
+            "WITH old AS MATERIALIZED (
+                 SELECT lane, max(through) AS through FROM vextrus_outbox_lane_log
+                  WHERE published_at <= now() - make_interval(secs => $1::float8 / 1e6)
+                  GROUP BY lane
+             ),
+             lane_rows AS (
+                 DELETE FROM vextrus_outbox o USING old
+                  WHERE o.lane = old.lane AND o.sequence <= old.through
+                 RETURNING 1
+             ),
+             marks AS (
+                 DELETE FROM vextrus_outbox_lane_log g USING old
+                  WHERE g.lane = old.lane AND g.through <= old.through
+             ),
+             row_rows AS (
+                 DELETE FROM vextrus_outbox
+                  WHERE status = 'published' AND lane IS NULL
+                    AND published_at <= now() - make_interval(secs => $1::float8 / 1e6)
+                 RETURNING 1
+             )
+             SELECT (SELECT count(*) FROM lane_rows) + (SELECT count(*) FROM row_rows)",
         )
         .bind(micros(older_than) as f64)
-        .execute(self.pool())
+        .fetch_one(self.pool())
         .await
-        .map_err(map_out)?
-        .rows_affected())
+        .map_err(map_out)?;
+        Ok(to_u64(n))
     }
 }
 

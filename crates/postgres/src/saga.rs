@@ -19,7 +19,9 @@ use vextrus_core::transport::MessageId;
 use vextrus_kernel::{ErrorKind, HasErrorKind};
 
 use crate::migrate::Migration;
-use crate::outbox::{PgOutbox, ROW_COLUMNS, check_batch, decode_row, enqueue_on, micros};
+use crate::outbox::{
+    PgOutbox, ROW_COLUMNS, ROW_FROM, ROW_PENDING, check_batch, decode_row, enqueue_on, micros,
+};
 
 /// The saga tables (`migrations/0003_saga.sql`), version 3 of
 /// [`MIGRATIONS`](crate::MIGRATIONS).
@@ -578,9 +580,9 @@ impl SagaStore for PgSagaStore {
 impl SagaCommandOutbox for PgSagaStore {
     async fn pending_commands(&self, limit: usize) -> Result<Vec<SagaCommand>, SagaError> {
         let rows = sqlx::query(&format!(
-            "SELECT {ROW_COLUMNS} FROM vextrus_outbox
-              WHERE status = 'pending' AND headers ? 'saga_id'
-              ORDER BY sequence
+            "SELECT {ROW_COLUMNS} FROM {ROW_FROM}
+              WHERE {ROW_PENDING} AND o.headers ? 'saga_id'
+              ORDER BY o.sequence
               LIMIT $1"
         ))
         .bind(i64::try_from(limit).unwrap_or(i64::MAX))
