@@ -306,7 +306,7 @@ async fn retention_deletes_lane_rows_confirmed_before_the_cutoff() {
     db.drop_db().await;
 }
 
-/// Writers enqueue to a handful of keys (so lanes are shared) in
+/// Writers enqueue to six keys of one lane in
 /// transactions that stay open a while after the enqueue, so sequences
 /// commit out of order across lanes, while a worker claims and settles
 /// everything it sees. Every message must be claimed: a cursor that passed
@@ -317,15 +317,24 @@ async fn a_cursor_never_passes_a_row_that_commits_late() {
     let (db, outbox) = fresh().await;
     let writers = 8;
     let per_writer = 40;
+    // Six keys of one lane: their rows share the lane's cursor.
+    let keys: Vec<String> = (0..)
+        .map(|i| format!("late-{i}"))
+        .filter(|k| lane_of(k) == lane_of("late-0"))
+        .take(6)
+        .collect();
     let mut tasks = Vec::new();
     for w in 0..writers {
-        let outbox = outbox.clone();
+        let (outbox, keys) = (outbox.clone(), keys.clone());
         tasks.push(tokio::spawn(async move {
             let mut sent = Vec::new();
             for i in 0..per_writer {
-                let m = msg(&format!("late-{}", (w + i) % 6), i);
+                let m = msg(&keys[(w + i) % keys.len()], i as u32);
                 let mut tx = outbox.begin().await.unwrap();
-                outbox.enqueue_in_tx(&mut tx, std::slice::from_ref(&m)).await.unwrap();
+                outbox
+                    .enqueue_in_tx(&mut tx, std::slice::from_ref(&m))
+                    .await
+                    .unwrap();
                 // Hold the transaction open for 0-4 ms after the enqueue.
                 tokio::time::sleep(Duration::from_micros(((w * 7 + i * 13) % 5) as u64 * 1000))
                     .await;
