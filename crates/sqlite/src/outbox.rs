@@ -1224,6 +1224,82 @@ mod tests {
     use super::*;
 
     #[tokio::test]
+    async fn rows_written_before_the_lanes_migration_are_published_first_per_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite:{}?mode=rwc", dir.path().join("old.db").display());
+        let store = SqliteEventStore::connect(&url).await.unwrap();
+        assert_eq!(
+            crate::migrate::run_through(store.pool(), 3).await.unwrap(),
+            3
+        );
+        // Pending rows as the outbox wrote them before migration 4.
+        let (a1, a2, b1) = (
+            OutboundMessage::new("orders", "a", b"a1".to_vec()),
+            OutboundMessage::new("orders", "a", b"a2".to_vec()),
+            OutboundMessage::new("orders", "b", b"b1".to_vec()),
+        );
+        for m in [&a1, &a2, &b1] {
+            sqlx::query(
+                "INSERT INTO outbox (id, destination, partition_key, payload, headers, created_at)
+                 VALUES (?, ?, ?, ?, '{}', ?)",
+            )
+            .bind(m.id.to_string())
+            .bind(m.destination.as_str())
+            .bind(m.partition_key.as_str())
+            .bind(m.payload.as_slice())
+            .bind(m.created_at.timestamp_nanos_opt().unwrap())
+            .execute(store.pool())
+            .await
+            .unwrap();
+        }
+        let outbox = SqliteOutbox::new(store);
+        assert_eq!(outbox.migrate().await.unwrap(), 1, "the lanes migration");
+        assert_eq!(outbox.migrate().await.unwrap(), 0, "applied once");
+        let lanes: Vec<Option<i32>> = sqlx::query_scalar("SELECT lane FROM outbox")
+            .fetch_all(outbox.pool())
+            .await
+            .unwrap();
+        assert_eq!(lanes, vec![None; 3], "the old rows are on the per-row path");
+        assert_eq!(outbox.status().await.unwrap().pending, 3);
+        // New rows of the same keys (and a new key) go into lanes.
+        let (a3, b2, c1) = (
+            OutboundMessage::new("orders", "a", b"a3".to_vec()),
+            OutboundMessage::new("orders", "b", b"b2".to_vec()),
+            OutboundMessage::new("orders", "c", b"c1".to_vec()),
+        );
+        outbox
+            .enqueue(&[a3.clone(), b2.clone(), c1.clone()])
+            .await
+            .unwrap();
+        let req = |worker: &str, limit| ClaimRequest {
+            worker: worker.into(),
+            limit,
+            lease: Duration::from_secs(30),
+            dead_letter_policy: DeadLetterPolicy::SkipKey,
+        };
+        let ids = |rows: &[OutboxMessage]| rows.iter().map(OutboxMessage::id).collect::<Vec<_>>();
+        // w1 holds a's first old row; w2 gets b's old row and c's new one:
+        // a3 and b2 leave their lanes to wait behind their keys' old rows.
+        let first = outbox.claim(&req("w1", 1)).await.unwrap();
+        assert_eq!(ids(&first), vec![a1.id]);
+        let second = outbox.claim(&req("w2", 100)).await.unwrap();
+        assert_eq!(ids(&second), vec![b1.id, c1.id]);
+        outbox.mark_published(&ids(&first)).await.unwrap();
+        outbox.settle("w2", &ids(&second), &[], &[]).await.unwrap();
+        let third = outbox.claim(&req("w3", 100)).await.unwrap();
+        assert_eq!(ids(&third), vec![a2.id, a3.id, b2.id]);
+        outbox.settle("w3", &ids(&third), &[], &[]).await.unwrap();
+        let st = outbox.status().await.unwrap();
+        assert_eq!((st.pending, st.published, st.dead), (0, 6, 0));
+        for m in [&a1, &a2, &b1, &a3, &b2, &c1] {
+            let row = outbox.get(m.id).await.unwrap().unwrap();
+            assert_eq!(row.status, OutboxStatus::Published, "{}", m.id);
+            assert!(row.published_at.is_some());
+        }
+        assert!(outbox.claim(&req("w1", 100)).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
     async fn migrate_twice_is_harmless_and_records_version_2() {
         let outbox = SqliteOutbox::temporary().await.unwrap();
         assert_eq!(outbox.migrate().await.unwrap(), 0);

@@ -48,6 +48,7 @@ cases!(
     replay_keeps_id_and_discard,
     retention_purges_only_old_published,
     lease_expiry_hands_over,
+    settle_publishes_fails_and_releases,
     relay_retries_and_dead_letters,
     unit_of_work_rollback_leaves_nothing,
 );
