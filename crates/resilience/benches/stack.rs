@@ -7,16 +7,8 @@
 //!
 //! Run with `cargo bench -p vextrus-resilience --bench stack`.
 //!
-//! First figures (2026-11-28, the 2-core development VM with other builds
-//! running, load average 4-5, so read them as upper bounds; ranges over three
-//! runs): bare call 4-6 ns; retry 50-70 ns (mostly the clock read that starts
-//! the elapsed budget); breaker with a count window 100-135 ns, with a time
-//! window and slow-call timing 190-290 ns (two clock reads); timeout
-//! 70-125 ns (building the tokio `Sleep`; it is never registered when the call
-//! is ready at once); bulkhead 55-75 ns; the full stack 340-570 ns as an async
-//! wrapper and 450-520 ns as tower layers. The benches link tokio with its
-//! `test-util` feature (a dev-dependency), which routes every clock read
-//! through the mockable clock; production builds read the clock directly.
+//! Figures, with the machine and load they were measured under, are in
+//! `crates/resilience/BENCHMARKS.md`.
 
 use std::hint::black_box;
 use std::sync::Arc;
