@@ -892,14 +892,22 @@ async fn claim_per_row(
 /// The columns of a row being claimed (still pending, not yet published),
 /// in [`decode_row`]'s order, from `o`.
 const RETURNED: &str = "o.sequence, o.id, o.destination, o.partition_key, o.payload, \
-     o.headers::text, o.created_at_ns, o.status, o.attempts, o.next_attempt_at, \
+     o.headers::text AS headers, o.created_at_ns, o.status, o.attempts, o.next_attempt_at, \
      o.last_error, o.published_at";
 
 /// The lane part of a claim, in the caller's transaction (see
 /// [`vextrus_core::outbox::lanes`]): up to [`LANES_PER_CLAIM`] free lanes
 /// with rows past their cursors, oldest first row first, locked `FOR
 /// UPDATE SKIP LOCKED`; their rows past the cursors in sequence order (a
-/// prefix of each lane) up to `limit`. A row whose key has an earlier
+/// prefix of each lane, at most its fair share of `limit`) up to `limit`.
+/// The query plans matter here (measured at 20k pending rows, 50 keys,
+/// batch 1024): each lane's first row is found by a row comparison on the
+/// `(lane, sequence)` index, because `lane = $1 ORDER BY sequence LIMIT 1`
+/// was planned as a primary-key scan that read the whole outbox for every
+/// empty lane (150 ms per claim); reading a full batch from every lane
+/// before cutting it read 10k rows for 1k; the rows are carried through
+/// the statement instead of joined back (a hash join over the whole
+/// outbox). Together: 110-240 ms down to 13-21 ms per claim. A row whose key has an earlier
 /// unfinished per-row row (a retry, or under `BlockKey` a dead letter)
 /// leaves its lane (still pending, due now) and is not returned. Lanes that
 /// return rows are leased to the worker; a lane whose rows all left it
@@ -915,22 +923,25 @@ async fn claim_lanes(
              SELECT l.lane, l.cursor, h.head
                FROM vextrus_outbox_lanes l
               CROSS JOIN LATERAL (
-                  SELECT o.sequence AS head FROM vextrus_outbox o
-                   WHERE o.lane = l.lane AND o.sequence > l.cursor
-                   ORDER BY o.sequence LIMIT 1
+                  SELECT o.lane AS head_lane, o.sequence AS head FROM vextrus_outbox o
+                   WHERE (o.lane, o.sequence) > (l.lane, l.cursor) AND o.lane IS NOT NULL
+                   ORDER BY o.lane, o.sequence LIMIT 1
               ) AS h
-              WHERE l.claimed_by IS NULL OR l.claimed_until <= now()
+              WHERE h.head_lane = l.lane
+                AND (l.claimed_by IS NULL OR l.claimed_until <= now())
               ORDER BY h.head
               LIMIT $4
                 FOR UPDATE OF l SKIP LOCKED
          ),
          cand AS MATERIALIZED (
-             SELECT f.lane, c.sequence, c.partition_key
+             SELECT f.lane, c.*
                FROM free f
               CROSS JOIN LATERAL (
-                  SELECT o.sequence, o.partition_key FROM vextrus_outbox o
+                  SELECT {RETURNED}
+                    FROM vextrus_outbox o
                    WHERE o.lane = f.lane AND o.sequence > f.cursor
-                   ORDER BY o.sequence LIMIT $3
+                   ORDER BY o.lane, o.sequence
+                   LIMIT (SELECT ceil($3::float8 / greatest(count(*), 1))::bigint FROM free)
               ) AS c
               ORDER BY c.sequence
               LIMIT $3
@@ -947,14 +958,13 @@ async fn claim_lanes(
               WHERE b.seq IS NOT NULL
          ),
          marked AS MATERIALIZED (
-             SELECT c.lane, c.sequence, (b.seq IS NOT NULL AND c.sequence > b.seq) AS held
+             SELECT c.*, (b.seq IS NOT NULL AND c.sequence > b.seq) AS held
                FROM cand c LEFT JOIN blocks b USING (partition_key)
          ),
          diverted AS (
              UPDATE vextrus_outbox o
                 SET lane = NULL, next_attempt_at = LEAST(o.next_attempt_at, now())
-               FROM marked m
-              WHERE m.held AND o.sequence = m.sequence
+              WHERE o.sequence = ANY (ARRAY(SELECT sequence FROM marked WHERE held))
          ),
          leased AS (
              UPDATE vextrus_outbox_lanes l
@@ -966,10 +976,11 @@ async fn claim_lanes(
                        FROM marked GROUP BY lane) AS s
               WHERE l.lane = s.lane
          )
-         SELECT m.lane, {RETURNED}
-           FROM marked m JOIN vextrus_outbox o ON o.sequence = m.sequence
-          WHERE NOT m.held
-          ORDER BY m.sequence"
+         SELECT lane, sequence, id, destination, partition_key, payload, headers,
+                created_at_ns, status, attempts, next_attempt_at, last_error, published_at
+           FROM marked
+          WHERE NOT held
+          ORDER BY sequence"
     ))
     .bind(&req.worker)
     .bind(block)
