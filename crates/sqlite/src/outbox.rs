@@ -30,7 +30,9 @@ pub const OUTBOX_MIGRATION: Migration = Migration {
     sql: include_str!("../migrations/0002_outbox_inbox.sql"),
 };
 
-/// At most this many messages of one partition key in one claimed batch.
+/// At most this many messages of one partition key in one claimed batch,
+/// on the per-row path (a lane hands out a prefix of its rows, whatever
+/// their keys).
 ///
 /// The relay publishes a batch in rounds (the r-th message of every key)
 /// and settles each round with its own commit, so a batch holding 200
@@ -248,6 +250,46 @@ impl SqliteOutbox {
             .await
             .map_err(db_err)?;
         Ok(WriteTx { tx, _turn: turn })
+    }
+
+    /// Pending messages under a live lease (a relay worker is publishing
+    /// them), by the database clock: per-row messages claimed by a worker,
+    /// and the rows past the cursor of every leased lane (a lane's claim
+    /// covers its rows from the cursor; rows enqueued into a leased lane
+    /// after the claim count too, until the lane is settled).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use vextrus_core::outbox::{ClaimRequest, DeadLetterPolicy, OutboxClaimer, OutboxStore};
+    /// use vextrus_core::transport::OutboundMessage;
+    /// use vextrus_sqlite::SqliteOutbox;
+    ///
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// let outbox = SqliteOutbox::temporary().await.unwrap();
+    /// outbox.enqueue(&[OutboundMessage::new("orders", "a", b"1".to_vec())]).await.unwrap();
+    /// assert_eq!(outbox.leased().await.unwrap(), 0);
+    /// let req = ClaimRequest { worker: "w".into(), limit: 10, lease: Duration::from_secs(30), dead_letter_policy: DeadLetterPolicy::SkipKey };
+    /// let batch = outbox.claim(&req).await.unwrap();
+    /// assert_eq!(outbox.leased().await.unwrap(), 1);
+    /// outbox.release("w", &[batch[0].id()]).await.unwrap();
+    /// assert_eq!(outbox.leased().await.unwrap(), 0);
+    /// # });
+    /// ```
+    pub async fn leased(&self) -> OutboxResult<u64> {
+        let sql = format!(
+            "WITH clock AS (SELECT {NOW_NS} AS now)
+             SELECT (SELECT COUNT(*) FROM outbox
+                      WHERE lane IS NULL AND status = 'pending' AND claimed_by IS NOT NULL
+                        AND lease_until > (SELECT now FROM clock))
+                  + (SELECT COUNT(*) FROM outbox_lanes c JOIN outbox o
+                         ON o.lane = c.lane AND o.sequence > c.cursor
+                      WHERE c.claimed_by IS NOT NULL AND c.lease_until > (SELECT now FROM clock))"
+        );
+        let n: i64 = sqlx::query_scalar(&sql)
+            .fetch_one(self.pool())
+            .await
+            .map_err(db_err)?;
+        Ok(u64::try_from(n).unwrap_or_default())
     }
 
     /// Every outbox row (any status), in sequence order (a lane row at or

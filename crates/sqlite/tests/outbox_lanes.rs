@@ -418,3 +418,51 @@ async fn retention_deletes_lane_rows_confirmed_before_the_cutoff_only() {
     let st = s.status().await.unwrap();
     assert_eq!((st.pending, st.published), (1, 0));
 }
+
+#[tokio::test]
+async fn leased_counts_per_row_claims_and_the_rows_of_leased_lanes() {
+    let s = SqliteOutbox::temporary().await.unwrap();
+    let (a1, a2, b1, d1) = (msg("a", 1), msg("a", 2), msg("b", 1), msg("d", 1));
+    s.enqueue(&[a1.clone(), a2.clone(), b1.clone(), d1.clone()])
+        .await
+        .unwrap();
+    assert_eq!(s.leased().await.unwrap(), 0);
+    s.claim(&claim_req("w1")).await.unwrap();
+    assert_eq!(s.leased().await.unwrap(), 4);
+    // a1 published, a2 given back (lane a settled); b1 fails for a retry
+    // in an hour (off its lane, unclaimed); d1 stays leased.
+    s.mark_published(&[a1.id]).await.unwrap();
+    s.release("w1", &[a2.id]).await.unwrap();
+    let later = PublishFailure {
+        error: "no".into(),
+        retry_in: Duration::from_secs(3600),
+        max_attempts: 5,
+        dead_now: false,
+    };
+    s.mark_failed(b1.id, &later).await.unwrap();
+    assert_eq!(s.leased().await.unwrap(), 1, "d1");
+    // a2 again, and a retry claimed on the per-row path.
+    let c = s.claim(&claim_req("w2")).await.unwrap();
+    assert_eq!(ids(&c), vec![a2.id]);
+    assert_eq!(s.leased().await.unwrap(), 2);
+    s.release("w2", &[a2.id]).await.unwrap();
+    s.release("w1", &[d1.id]).await.unwrap();
+    assert_eq!(s.leased().await.unwrap(), 0);
+    let retry_now = PublishFailure {
+        retry_in: Duration::ZERO,
+        ..later
+    };
+    let c = s.claim(&claim_req("w3")).await.unwrap();
+    assert_eq!(ids(&c), vec![a2.id, d1.id]);
+    s.settle("w3", &ids(&c), &[], &[]).await.unwrap();
+    sqlx::query("UPDATE outbox SET next_attempt_at = NULL WHERE id = ?")
+        .bind(b1.id.to_string())
+        .execute(s.pool())
+        .await
+        .unwrap();
+    let c = s.claim(&claim_req("w3")).await.unwrap();
+    assert_eq!(ids(&c), vec![b1.id], "the retry, per row");
+    assert_eq!(s.leased().await.unwrap(), 1);
+    s.mark_failed(b1.id, &retry_now).await.unwrap();
+    assert_eq!(s.leased().await.unwrap(), 0);
+}
