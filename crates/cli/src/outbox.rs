@@ -96,38 +96,12 @@ impl Outbox {
     }
 
     /// Pending messages under a live lease (a relay worker is publishing
-    /// them), judged by the database clock. The store traits do not report
-    /// this, so it is read from the backend's table directly.
+    /// them, or holds their lane), judged by the database clock.
     async fn leased(&self) -> Result<u64> {
-        let n: i64 = match self {
-            Outbox::Sqlite(o) => sqlx::query_scalar(
-                "SELECT COUNT(*) FROM outbox
-                  WHERE status = 'pending' AND claimed_by IS NOT NULL
-                    AND lease_until > CAST(ROUND((julianday('now') - 2440587.5) * 86400000.0)
-                                           AS INTEGER) * 1000000",
-            )
-            .fetch_one(o.pool())
-            .await
-            .map_err(sql_err)?,
-            Outbox::Postgres(o) => sqlx::query_scalar(
-                "SELECT count(*) FROM vextrus_outbox
-                  WHERE status = 'pending' AND claimed_by IS NOT NULL AND claimed_until > now()",
-            )
-            .fetch_one(o.pool())
-            .await
-            .map_err(sql_err)?,
-        };
-        Ok(u64::try_from(n).unwrap_or_default())
-    }
-}
-
-/// A driver error of [`Outbox::leased`]: unreachable is unavailable.
-fn sql_err(e: sqlx::Error) -> OutboxError {
-    match e {
-        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => {
-            OutboxError::Unavailable(Box::new(e))
-        }
-        e => OutboxError::Backend(Box::new(e)),
+        Ok(match self {
+            Outbox::Sqlite(o) => o.leased().await?,
+            Outbox::Postgres(o) => o.leased().await?,
+        })
     }
 }
 

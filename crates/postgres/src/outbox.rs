@@ -195,7 +195,33 @@ impl PgOutbox {
             .request(|| pg_notify(self.pool().clone(), OUTBOX_NOTIFY_CHANNEL));
     }
 
-    /// Every outbox row (any status), in sequence order.
+    /// Pending messages under a live lease (judged by the database clock):
+    /// per-row claims, plus the rows past the cursor of a leased lane (a
+    /// relay worker holds them, publishing or about to). `vextrus outbox
+    /// status` reports it as "leased (in flight)".
+    ///
+    /// ```no_run
+    /// # async fn demo(outbox: vextrus_postgres::PgOutbox) -> Result<(), Box<dyn std::error::Error>> {
+    /// println!("{} messages in flight", outbox.leased().await?);
+    /// # Ok(()) }
+    /// ```
+    pub async fn leased(&self) -> OutboxResult<u64> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT (SELECT count(*) FROM vextrus_outbox
+                      WHERE lane IS NULL AND status = 'pending' AND claimed_by IS NOT NULL
+                        AND claimed_until > now())
+                  + (SELECT count(*) FROM vextrus_outbox_lanes l
+                       JOIN vextrus_outbox o ON o.lane = l.lane AND o.sequence > l.cursor
+                      WHERE l.claimed_by IS NOT NULL AND l.claimed_until > now())",
+        )
+        .fetch_one(self.pool())
+        .await
+        .map_err(map_out)?;
+        Ok(to_u64(n))
+    }
+
+    /// Every outbox row (any status), in sequence order (a lane row at or
+    /// below its lane's cursor reads as published).
     pub async fn rows(&self) -> OutboxResult<Vec<OutboxMessage>> {
         let rows = sqlx::query(&format!(
             "SELECT {ROW_COLUMNS} FROM {ROW_FROM} ORDER BY o.sequence"
