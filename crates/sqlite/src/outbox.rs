@@ -869,14 +869,16 @@ async fn claim_per_row(
 /// rows (a prefix of each lane). Rows whose key has an earlier unfinished
 /// row off the lanes leave their lane (and are not returned); the lanes
 /// that return rows are leased to the worker, and a lane whose rows all
-/// left moves its cursor past them. Returns `(lane, row)` per returned row.
+/// left moves its cursor past them. Returns `(lane, sequence)` per returned
+/// row, in sequence order: the rows themselves are read after the commit
+/// ([`read_lane_rows`]), so the write lock is held only for this.
 async fn claim_lanes(
     conn: &mut SqliteConnection,
     req: &ClaimRequest,
     now: i64,
     lease_until: i64,
     limit: usize,
-) -> OutboxResult<Vec<(i32, OutboxMessage)>> {
+) -> OutboxResult<Vec<(i32, i64)>> {
     let free: Vec<(i32, i64)> = sqlx::query_as(
         "SELECT lane, cursor FROM (
              SELECT c.lane, c.cursor,
@@ -897,44 +899,34 @@ async fn claim_lanes(
     if free.is_empty() {
         return Ok(Vec::new());
     }
-    // Each lane's first `limit` sequences (from the index alone); the
-    // oldest `limit` of them are a prefix of each lane.
+    // Each lane's first `limit` sequences (from the index alone), and of
+    // those the oldest `limit`: a prefix of each lane. One statement.
     let page = i64::try_from(limit).unwrap_or(i64::MAX);
-    let mut seqs: Vec<i64> = Vec::new();
+    let per_lane = vec![
+        "SELECT * FROM (SELECT sequence FROM outbox WHERE lane = ? AND sequence > ? \
+         ORDER BY sequence LIMIT ?)";
+        free.len()
+    ];
+    let picks_sql = format!(
+        "SELECT lane, sequence, partition_key FROM outbox
+          WHERE sequence IN (SELECT sequence FROM ({}) ORDER BY sequence LIMIT ?)
+          ORDER BY sequence",
+        per_lane.join(" UNION ALL ")
+    );
+    let mut query = sqlx::query_as::<_, (i32, i64, String)>(&picks_sql);
     for (lane, cursor) in &free {
-        let lane_seqs: Vec<i64> = sqlx::query_scalar(
-            "SELECT sequence FROM outbox WHERE lane = ? AND sequence > ?
-              ORDER BY sequence LIMIT ?",
-        )
-        .bind(lane)
-        .bind(cursor)
+        query = query.bind(*lane).bind(*cursor).bind(page);
+    }
+    let picks = query
         .bind(page)
         .fetch_all(&mut *conn)
         .await
         .map_err(db_err)?;
-        seqs.extend(lane_seqs);
-    }
-    seqs.sort_unstable();
-    seqs.truncate(limit);
-    let rows_sql = format!(
-        "SELECT {ROW_COLUMNS}, lane FROM outbox
-          WHERE sequence IN (SELECT value FROM json_each(?)) ORDER BY sequence"
-    );
-    let mut rows: Vec<(i32, OutboxMessage)> = Vec::with_capacity(seqs.len());
-    for row in sqlx::query(&rows_sql)
-        .bind(serde_json::Value::from(seqs).to_string())
-        .fetch_all(&mut *conn)
-        .await
-        .map_err(db_err)?
-    {
-        let lane: i32 = row.try_get("lane").map_err(db_err)?;
-        rows.push((lane, decode_row(&row)?.msg));
-    }
     // Keys with an earlier unfinished row off the lanes: their rows after
     // it leave the lane for the key's per-row queue.
-    let keys: Vec<&str> = rows
+    let keys: Vec<&str> = picks
         .iter()
-        .map(|(_, m)| m.message.partition_key.as_str())
+        .map(|(_, _, key)| key.as_str())
         .collect::<HashSet<_>>()
         .into_iter()
         .collect();
@@ -952,13 +944,17 @@ async fn claim_lanes(
         .map_err(db_err)?
         .into_iter()
         .collect();
-    let (kept, diverted): (Vec<_>, Vec<_>) = rows.into_iter().partition(|(_, m)| {
-        blockers
-            .get(m.message.partition_key.as_str())
-            .is_none_or(|u| i64::try_from(m.sequence).unwrap_or(i64::MAX) <= *u)
-    });
+    let mut kept: Vec<(i32, i64)> = Vec::with_capacity(picks.len());
+    let mut diverted: Vec<(i32, i64)> = Vec::new();
+    for (lane, seq, key) in picks {
+        if blockers.get(&key).is_some_and(|u| seq > *u) {
+            diverted.push((lane, seq));
+        } else {
+            kept.push((lane, seq));
+        }
+    }
     if !diverted.is_empty() {
-        let seqs: Vec<u64> = diverted.iter().map(|(_, m)| m.sequence).collect();
+        let seqs: Vec<i64> = diverted.iter().map(|(_, seq)| *seq).collect();
         sqlx::query(
             "UPDATE outbox SET lane = NULL WHERE sequence IN (SELECT value FROM json_each(?))",
         )
@@ -967,16 +963,16 @@ async fn claim_lanes(
         .await
         .map_err(db_err)?;
         // A lane whose rows all left: its cursor moves past them.
-        let mut emptied: HashMap<i32, u64> = HashMap::new();
-        for (lane, m) in &diverted {
+        let mut emptied: HashMap<i32, i64> = HashMap::new();
+        for (lane, seq) in &diverted {
             if !kept.iter().any(|(l, _)| l == lane) {
                 let through = emptied.entry(*lane).or_default();
-                *through = (*through).max(m.sequence);
+                *through = (*through).max(*seq);
             }
         }
         for (lane, through) in emptied {
             sqlx::query("UPDATE outbox_lanes SET cursor = max(cursor, ?) WHERE lane = ?")
-                .bind(i64::try_from(through).unwrap_or(i64::MAX))
+                .bind(through)
                 .bind(lane)
                 .execute(&mut *conn)
                 .await
@@ -997,6 +993,34 @@ async fn claim_lanes(
         .map_err(db_err)?;
     }
     Ok(kept)
+}
+
+/// Reads the rows a lane claim returned, after its commit (a WAL read: no
+/// lock). The lanes are leased to the claiming worker, so their rows past
+/// the cursor do not change meanwhile; a row that left its lane since (an
+/// out-of-band settle by another process) is not returned, and the
+/// lane's cursor may pass it harmlessly.
+async fn read_lane_rows(
+    pool: &sqlx::SqlitePool,
+    picks: &[(i32, i64)],
+) -> OutboxResult<Vec<(i32, OutboxMessage)>> {
+    let seqs: Vec<i64> = picks.iter().map(|(_, seq)| *seq).collect();
+    let sql = format!(
+        "SELECT {ROW_COLUMNS}, lane FROM outbox
+          WHERE sequence IN (SELECT value FROM json_each(?)) AND lane IS NOT NULL
+          ORDER BY sequence"
+    );
+    let mut rows = Vec::with_capacity(seqs.len());
+    for row in sqlx::query(&sql)
+        .bind(serde_json::Value::from(seqs).to_string())
+        .fetch_all(pool)
+        .await
+        .map_err(db_err)?
+    {
+        let lane: i32 = row.try_get("lane").map_err(db_err)?;
+        rows.push((lane, decode_row(&row)?.msg));
+    }
+    Ok(rows)
 }
 
 impl OutboxClaimer for SqliteOutbox {
@@ -1051,13 +1075,16 @@ impl OutboxClaimer for SqliteOutbox {
             .await
             .map_err(db_err)?;
         }
-        let lane_rows = if picked.len() < limit {
+        let lane_picks = if picked.len() < limit {
             claim_lanes(&mut tx, req, now, lease_until, limit - picked.len()).await?
         } else {
             Vec::new()
         };
         tx.commit().await.map_err(db_err)?;
-        if !lane_rows.is_empty() {
+        if !lane_picks.is_empty() {
+            // Should this read fail, the lanes' leases run out and they are
+            // claimed again from their cursors.
+            let lane_rows = read_lane_rows(self.pool(), &lane_picks).await?;
             self.lanes.record(
                 &req.worker,
                 lane_rows
