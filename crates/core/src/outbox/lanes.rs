@@ -183,8 +183,10 @@ pub struct LaneLedger {
 
 impl LaneLedger {
     /// Records one claim of `worker`: `(lane, sequence, id)` per returned
-    /// lane row. A lane this worker claimed before and did not settle (its
-    /// lease ran out, and it claimed the lane again) starts afresh.
+    /// lane row. A claim of a lane means its lease was free: any claim of
+    /// that lane still in the ledger (this worker's or another's, whose
+    /// lease ran out) is stale and is dropped, so the ledger does not grow
+    /// with expired leases.
     pub fn record(&self, worker: &str, rows: impl IntoIterator<Item = (i32, u64, MessageId)>) {
         let mut ledger = self.lock();
         let mut fresh: Vec<i32> = Vec::new();
@@ -192,9 +194,17 @@ impl LaneLedger {
             let key = (worker.to_owned(), lane);
             if !fresh.contains(&lane) {
                 fresh.push(lane);
-                if let Some(old) = ledger.claims.remove(&key) {
-                    for (old_id, _) in old.rows.values() {
-                        ledger.rows.remove(old_id);
+                let stale: Vec<(String, i32)> = ledger
+                    .claims
+                    .keys()
+                    .filter(|(_, l)| *l == lane)
+                    .cloned()
+                    .collect();
+                for k in stale {
+                    if let Some(old) = ledger.claims.remove(&k) {
+                        for (old_id, _) in old.rows.values() {
+                            ledger.rows.remove(old_id);
+                        }
                     }
                 }
             }
@@ -446,6 +456,22 @@ mod tests {
             l.plan(Some("w"), &[id[0]], &[], &[]).per_row_published,
             vec![id[0]]
         );
+    }
+
+    #[test]
+    fn a_lane_taken_over_drops_the_stale_claim_of_another_worker() {
+        let l = LaneLedger::default();
+        let id = ids(2);
+        l.record("w1", [(9, 1, id[0]), (9, 2, id[1])]);
+        l.record("w2", [(9, 1, id[0]), (9, 2, id[1])]);
+        // w1's late settle is not a lane settle any more.
+        let stale = l.plan(Some("w1"), &id, &[], &[]);
+        assert!(stale.advances.is_empty());
+        assert_eq!(stale.per_row_published, id);
+        let plan = l.plan(Some("w2"), &id, &[], &[]);
+        assert_eq!(plan.advances[0].worker, "w2");
+        assert_eq!(plan.advances[0].cursor, Some(2));
+        assert!(l.lock().claims.is_empty(), "nothing left behind");
     }
 
     #[test]
