@@ -10,7 +10,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{Instrument, Span};
 use vextrus_kernel::{ErrorKind, HasErrorKind};
-use vextrus_resilience::{CircuitBreaker, CircuitBreakerConfig};
+use vextrus_resilience::{BreakerRegistry, CircuitBreaker, CircuitBreakerConfig};
 use vextrus_telemetry::{
     continue_trace, extract_headers_lenient, inject_trace_context, spans, trace_context_of,
 };
@@ -80,6 +80,13 @@ pub struct RelayConfig {
     pub key_pipelining: KeyPipelining,
     /// The circuit breaker in front of the transport.
     pub breaker: CircuitBreakerConfig,
+    /// The name of the downstream the breaker guards, shared through
+    /// [`BreakerRegistry::global`]: relays (and any other caller) of one
+    /// process naming the same downstream (e.g. `"nats://broker-1"`) share
+    /// one breaker, so when it opens for one it is open for all (the
+    /// registry keeps the config of whoever made it first). `None` (the
+    /// default): the relay has a breaker of its own, `outbox-relay-{name}`.
+    pub breaker_name: Option<String>,
     /// How often backlog gauges are refreshed.
     pub metrics_interval: Duration,
 }
@@ -101,6 +108,7 @@ impl RelayConfig {
             dead_letter_policy: DeadLetterPolicy::SkipKey,
             key_pipelining: KeyPipelining::OneAtATime,
             breaker: CircuitBreakerConfig::new(),
+            breaker_name: None,
             metrics_interval: Duration::from_secs(1),
         }
     }
@@ -191,7 +199,7 @@ struct RelayInner<S, T> {
     store: S,
     transport: T,
     config: RelayConfig,
-    breaker: CircuitBreaker,
+    breaker: Arc<CircuitBreaker>,
 }
 
 impl<S, T> Clone for OutboxRelay<S, T> {
@@ -221,10 +229,15 @@ where
 {
     /// A relay over `store` and `transport`.
     pub fn new(store: S, transport: T, config: RelayConfig) -> Self {
-        let breaker = CircuitBreaker::new(
-            format!("outbox-relay-{}", config.name),
-            config.breaker.clone(),
-        );
+        let breaker = match &config.breaker_name {
+            Some(name) => {
+                BreakerRegistry::global().get_or_create_with(name, || config.breaker.clone())
+            }
+            None => Arc::new(CircuitBreaker::new(
+                format!("outbox-relay-{}", config.name),
+                config.breaker.clone(),
+            )),
+        };
         Self {
             inner: Arc::new(RelayInner {
                 store,
