@@ -944,20 +944,38 @@ async fn claim_lanes(
     block: bool,
     limit: i64,
 ) -> OutboxResult<Vec<(i32, OutboxMessage)>> {
+    // First lock the free lanes, in a statement of its own. The rows are
+    // read by the next statement, whose snapshot is taken after the locks:
+    // a lane whose settle committed while this claim waited is locked in
+    // its new version (cursor moved, lease ended), and reading its rows in
+    // the same statement would see them as they were before that settle
+    // (a failed row still in the lane, its key not yet blocked), so a
+    // retried row was published again from the lane, out of order (the
+    // conformance test of per-key order caught it).
+    let lanes: Vec<i32> = sqlx::query_scalar(
+        "SELECT l.lane
+           FROM vextrus_outbox_lanes l
+          CROSS JOIN LATERAL (
+              SELECT o.lane AS head_lane, o.sequence AS head FROM vextrus_outbox o
+               WHERE (o.lane, o.sequence) > (l.lane, l.cursor) AND o.lane IS NOT NULL
+               ORDER BY o.lane, o.sequence LIMIT 1
+          ) AS h
+          WHERE h.head_lane = l.lane
+            AND (l.claimed_by IS NULL OR l.claimed_until <= now())
+          ORDER BY h.head
+          LIMIT $1
+            FOR UPDATE OF l SKIP LOCKED",
+    )
+    .bind(LANES_PER_CLAIM)
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(map_out)?;
+    if lanes.is_empty() {
+        return Ok(Vec::new());
+    }
     let rows = sqlx::query(&format!(
         "WITH free AS MATERIALIZED (
-             SELECT l.lane, l.cursor, h.head
-               FROM vextrus_outbox_lanes l
-              CROSS JOIN LATERAL (
-                  SELECT o.lane AS head_lane, o.sequence AS head FROM vextrus_outbox o
-                   WHERE (o.lane, o.sequence) > (l.lane, l.cursor) AND o.lane IS NOT NULL
-                   ORDER BY o.lane, o.sequence LIMIT 1
-              ) AS h
-              WHERE h.head_lane = l.lane
-                AND (l.claimed_by IS NULL OR l.claimed_until <= now())
-              ORDER BY h.head
-              LIMIT $4
-                FOR UPDATE OF l SKIP LOCKED
+             SELECT l.lane, l.cursor FROM vextrus_outbox_lanes l WHERE l.lane = ANY($4)
          ),
          cand AS MATERIALIZED (
              SELECT f.lane, c.*
@@ -1011,7 +1029,7 @@ async fn claim_lanes(
     .bind(&req.worker)
     .bind(block)
     .bind(limit)
-    .bind(LANES_PER_CLAIM)
+    .bind(&lanes)
     .bind(micros(req.lease) as f64)
     .fetch_all(&mut *tx)
     .await
