@@ -95,6 +95,17 @@ struct Ledger {
     rows: HashMap<MessageId, (String, i32, u64)>,
 }
 
+impl Ledger {
+    /// Removes one (worker, lane) claim and its rows' entries.
+    fn drop_claim(&mut self, key: &(String, i32)) {
+        if let Some(old) = self.claims.remove(key) {
+            for (id, _) in old.rows.values() {
+                self.rows.remove(id);
+            }
+        }
+    }
+}
+
 /// A claimed row of a lane, as a settle plan names it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LaneRow {
@@ -201,11 +212,7 @@ impl LaneLedger {
                     .cloned()
                     .collect();
                 for k in stale {
-                    if let Some(old) = ledger.claims.remove(&k) {
-                        for (old_id, _) in old.rows.values() {
-                            ledger.rows.remove(old_id);
-                        }
-                    }
+                    ledger.drop_claim(&k);
                 }
             }
             ledger
@@ -228,12 +235,7 @@ impl LaneLedger {
     /// that failed in the store: the lease runs out and the lane is claimed
     /// again from its cursor).
     pub fn forget(&self, worker: &str, lane: i32) {
-        let mut ledger = self.lock();
-        if let Some(old) = ledger.claims.remove(&(worker.to_owned(), lane)) {
-            for (id, _) in old.rows.values() {
-                ledger.rows.remove(id);
-            }
-        }
+        self.lock().drop_claim(&(worker.to_owned(), lane));
     }
 
     /// Settles ids, for `worker` (`None`: whichever worker claimed each id)
@@ -336,7 +338,10 @@ impl LaneLedger {
             .into_iter()
             .filter(|row| {
                 past_cursor.contains(&row.id)
-                    || ledger.claims.contains_key(&(row.worker.clone(), row.lane))
+                    || !plan
+                        .advances
+                        .iter()
+                        .any(|a| a.lane == row.lane && a.worker == row.worker)
             })
             .collect();
         plan
