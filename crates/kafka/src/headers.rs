@@ -46,21 +46,22 @@ pub(crate) fn to_kafka_headers(
     id: &Uuid,
     headers: &BTreeMap<String, String>,
 ) -> Result<(OwnedHeaders, usize)> {
-    let id_text = id.to_string();
     let mut out = OwnedHeaders::new_with_capacity(headers.len() + 1);
     let mut size = 0;
     if let Some(ce_id) = headers.get(CE_ID) {
         let matches = Uuid::parse_str(ce_id).is_ok_and(|parsed| parsed == *id);
         if !matches {
             return Err(KafkaError::InvalidHeaders(format!(
-                "header `{CE_ID}` = {ce_id:?} disagrees with the message id {id_text}"
+                "header `{CE_ID}` = {ce_id:?} disagrees with the message id {id}"
             )));
         }
     } else {
+        let mut buf = Uuid::encode_buffer();
+        let id_text: &str = id.hyphenated().encode_lower(&mut buf);
         size += CE_ID.len() + id_text.len();
         out = out.insert(Header {
             key: CE_ID,
-            value: Some(id_text.as_str()),
+            value: Some(id_text),
         });
     }
     for (name, value) in headers {

@@ -5,8 +5,10 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use futures::future::join_all;
+use futures::FutureExt;
+use futures::stream::{FuturesUnordered, StreamExt};
 use rdkafka::error::{KafkaError as RdKafkaError, RDKafkaErrorCode};
+use rdkafka::producer::future_producer::OwnedDeliveryResult;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use uuid::Uuid;
 use vextrus_core::transport::{OutboundMessage, Transport, TransportError};
@@ -119,9 +121,14 @@ impl std::fmt::Debug for KafkaTransport {
 }
 
 /// A message handed to the producer, waiting for its delivery report.
-struct Pending {
+struct Pending<'a> {
     future: DeliveryFuture,
-    topic: String,
+    sent: Sent<'a>,
+}
+
+/// What the delivery report of a [`Pending`] message is judged with.
+struct Sent<'a> {
+    topic: &'a str,
     size: usize,
     started: Instant,
 }
@@ -173,21 +180,55 @@ impl KafkaTransport {
                 checked.insert(request.destination, outcome);
             }
         }
-        let mut enqueued = Vec::with_capacity(requests.len());
-        for request in requests {
+        let mut sent = Vec::with_capacity(requests.len());
+        let mut results: Vec<Option<Result<PublishReceipt>>> = Vec::with_capacity(requests.len());
+        let waiting = FuturesUnordered::new();
+        for (i, request) in requests.iter().enumerate() {
             let outcome = match checked.get(request.destination).and_then(Option::as_ref) {
                 Some(err) => Err(copy_error(err)),
                 None => self.enqueue(request).await,
             };
-            enqueued.push(outcome);
-        }
-        join_all(enqueued.into_iter().map(|outcome| async move {
             match outcome {
-                Ok(pending) => self.await_delivery(pending).await,
-                Err(err) => Err(err),
+                Ok(pending) => {
+                    waiting.push(pending.future.map(move |report| (i, report)));
+                    sent.push(Some(pending.sent));
+                    results.push(None);
+                }
+                Err(err) => {
+                    sent.push(None);
+                    results.push(Some(Err(err)));
+                }
             }
-        }))
-        .await
+        }
+        // One deadline for the whole batch rather than a timer per message.
+        let deadline = tokio::time::sleep(self.report_deadline());
+        tokio::pin!(deadline);
+        let mut waiting = waiting;
+        let mut delivered = Deliveries::default();
+        loop {
+            tokio::select! {
+                next = waiting.next() => match next {
+                    Some((i, report)) => {
+                        if let Some(meta) = &sent[i] {
+                            results[i] = Some(self.judge(meta, Ok(report), &mut delivered));
+                        }
+                    }
+                    None => break,
+                },
+                () = &mut deadline => break,
+            }
+        }
+        let outcomes = results
+            .into_iter()
+            .zip(&sent)
+            .map(|(result, meta)| match (result, meta) {
+                (Some(result), _) => result,
+                (None, Some(meta)) => self.judge(meta, Err(()), &mut delivered),
+                (None, None) => Err(KafkaError::Timeout(self.config.delivery_timeout())),
+            })
+            .collect();
+        delivered.record();
+        outcomes
     }
 
     /// Waits until every message handed to the producer has a delivery
@@ -267,7 +308,7 @@ impl KafkaTransport {
 
     /// Hands one message to the producer (waiting while its queue is full,
     /// up to the delivery timeout).
-    async fn enqueue(&self, request: &PublishRequest<'_>) -> Result<Pending> {
+    async fn enqueue<'a>(&self, request: &PublishRequest<'a>) -> Result<Pending<'a>> {
         let outcome = self.try_enqueue(request).await;
         if let Err(err) = &outcome {
             metrics::counter!(m::PUBLISH_FAILURES_TOTAL, "kind" => err.kind().as_str())
@@ -276,7 +317,7 @@ impl KafkaTransport {
         outcome
     }
 
-    async fn try_enqueue(&self, request: &PublishRequest<'_>) -> Result<Pending> {
+    async fn try_enqueue<'a>(&self, request: &PublishRequest<'a>) -> Result<Pending<'a>> {
         validate_topic(request.destination)?;
         let (headers, header_size) = to_kafka_headers(&request.id, request.headers)?;
         let size = request.payload.len() + request.partition_key.len() + header_size;
@@ -299,9 +340,11 @@ impl KafkaTransport {
                 Ok(future) => {
                     return Ok(Pending {
                         future,
-                        topic: request.destination.to_owned(),
-                        size,
-                        started,
+                        sent: Sent {
+                            topic: request.destination,
+                            size,
+                            started,
+                        },
                     });
                 }
                 Err((RdKafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
@@ -324,13 +367,38 @@ impl KafkaTransport {
         }
     }
 
-    async fn await_delivery(&self, pending: Pending) -> Result<PublishReceipt> {
+    /// How long a delivery report may take: librdkafka reports every
+    /// message within `message.timeout.ms`; the margin only guards against
+    /// a report that never comes.
+    fn report_deadline(&self) -> Duration {
+        self.config.delivery_timeout() + Duration::from_secs(5)
+    }
+
+    async fn await_delivery(&self, pending: Pending<'_>) -> Result<PublishReceipt> {
+        let report = tokio::time::timeout(self.report_deadline(), pending.future)
+            .await
+            .map_err(|_| ());
+        let mut delivered = Deliveries::default();
+        let outcome = self.judge(&pending.sent, report, &mut delivered);
+        delivered.record();
+        outcome
+    }
+
+    /// The outcome of one message from its delivery report (`Err(())`: none
+    /// came in time); successes are tallied in `delivered`, failures counted
+    /// at once.
+    fn judge(
+        &self,
+        sent: &Sent<'_>,
+        report: std::result::Result<
+            std::result::Result<OwnedDeliveryResult, futures::channel::oneshot::Canceled>,
+            (),
+        >,
+        delivered: &mut Deliveries,
+    ) -> Result<PublishReceipt> {
         let timeout = self.config.delivery_timeout();
-        // librdkafka reports every message within `message.timeout.ms`; the
-        // margin only guards against a report that never comes.
-        let report = tokio::time::timeout(timeout + Duration::from_secs(5), pending.future).await;
         let outcome = match report {
-            Err(_) => Err(KafkaError::Timeout(timeout)),
+            Err(()) => Err(KafkaError::Timeout(timeout)),
             Ok(Err(_canceled)) => Err(KafkaError::Unavailable {
                 reason: "the producer was dropped before the delivery report".into(),
                 source: None,
@@ -342,29 +410,49 @@ impl KafkaTransport {
             Ok(Ok(Err((err, _message)))) => {
                 let err = KafkaError::from_publish(
                     err,
-                    &pending.topic,
-                    pending.size,
+                    sent.topic,
+                    sent.size,
                     self.config.max_message_bytes(),
                     timeout,
                 );
                 if matches!(err, KafkaError::UnknownDestination(_)) {
-                    self.forget(&pending.topic);
+                    self.forget(sent.topic);
                 }
                 Err(err)
             }
         };
         match &outcome {
-            Ok(_) => {
-                metrics::counter!(m::PUBLISHED_TOTAL).increment(1);
-                metrics::histogram!(m::PUBLISH_SECONDS)
-                    .record(pending.started.elapsed().as_secs_f64());
-            }
+            Ok(_) => delivered.push(sent.started.elapsed()),
             Err(err) => {
                 metrics::counter!(m::PUBLISH_FAILURES_TOTAL, "kind" => err.kind().as_str())
                     .increment(1);
             }
         }
         outcome
+    }
+}
+
+/// Confirmed publishes of one call, recorded in the metrics at once (one
+/// counter update per batch, not per message).
+#[derive(Default)]
+struct Deliveries {
+    latencies: Vec<f64>,
+}
+
+impl Deliveries {
+    fn push(&mut self, latency: Duration) {
+        self.latencies.push(latency.as_secs_f64());
+    }
+
+    fn record(self) {
+        if self.latencies.is_empty() {
+            return;
+        }
+        metrics::counter!(m::PUBLISHED_TOTAL).increment(self.latencies.len() as u64);
+        let histogram = metrics::histogram!(m::PUBLISH_SECONDS);
+        for latency in self.latencies {
+            histogram.record(latency);
+        }
     }
 }
 

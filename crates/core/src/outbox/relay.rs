@@ -299,10 +299,14 @@ where
             report.breaker_open = true;
             return Ok(report);
         };
+        // The messages move into the publish (no copy of payload or
+        // headers); what the settle needs of each is kept beside them.
+        let attempts: Vec<u32> = batch.iter().map(|m| m.attempts).collect();
+        let mut messages: Vec<OutboundMessage> = batch.into_iter().map(|m| m.message).collect();
         let publishing = std::time::Instant::now();
         let outcomes = match cfg.key_pipelining {
-            KeyPipelining::OneAtATime => self.publish_chains(&batch).await,
-            KeyPipelining::Batch => self.publish_whole(&batch).await,
+            KeyPipelining::OneAtATime => self.publish_chains(&mut messages).await,
+            KeyPipelining::Batch => self.publish_whole(&mut messages).await,
         };
         let all_ok = outcomes.iter().all(|o| matches!(o, Some(Ok(()))));
         // Per message, the relay counts published and failed below; the
@@ -315,7 +319,8 @@ where
         // Walk the batch in sequence order: a key's first failure blocks the
         // key; its later messages are released whatever their outcome.
         let mut blocked: HashSet<&str> = HashSet::new();
-        let mut confirmed = Vec::with_capacity(batch.len());
+        let mut confirmed = Vec::with_capacity(messages.len());
+        let mut latencies = Vec::with_capacity(messages.len());
         let mut failed = Vec::new();
         let mut released = Vec::new();
         // The batch counts against the breaker only when the broker looks
@@ -324,43 +329,49 @@ where
         // nothing of the broker (counting them would open the breaker at a
         // 2% failure rate, since nearly every large batch has one).
         let mut transient = false;
-        for (msg, outcome) in batch.iter().zip(outcomes) {
-            let key = msg.message.partition_key.as_str();
+        for ((msg, attempts), outcome) in messages.iter().zip(attempts).zip(outcomes) {
+            let key = msg.partition_key.as_str();
             if blocked.contains(key) {
-                released.push(msg.id());
+                released.push(msg.id);
                 continue;
             }
             match outcome {
                 Some(Ok(())) => {
-                    confirmed.push(msg.id());
-                    let latency = (now - msg.message.created_at)
-                        .to_std()
-                        .unwrap_or(Duration::ZERO);
-                    ::metrics::histogram!(m::OUTBOX_PUBLISH_LATENCY_SECONDS, m::LABEL_RELAY => cfg.name.clone())
-                        .record(latency.as_secs_f64());
+                    confirmed.push(msg.id);
+                    let latency = (now - msg.created_at).to_std().unwrap_or(Duration::ZERO);
+                    latencies.push(latency.as_secs_f64());
                 }
                 Some(Err(e)) => {
                     transient |= e.kind() == ErrorKind::Transient;
                     blocked.insert(key);
-                    failed.push((msg, e));
+                    failed.push((msg.id, attempts, e));
                 }
-                None => released.push(msg.id()),
+                None => released.push(msg.id),
+            }
+        }
+        if !latencies.is_empty() {
+            // One histogram handle for the batch (a handle per message
+            // would build the relay label each time).
+            let histogram = ::metrics::histogram!(m::OUTBOX_PUBLISH_LATENCY_SECONDS,
+                m::LABEL_RELAY => cfg.name.clone());
+            for latency in latencies {
+                histogram.record(latency);
             }
         }
         let failures: Vec<(MessageId, PublishFailure)> = failed
             .iter()
-            .map(|(msg, e)| {
+            .map(|(id, attempts, e)| {
                 let kind = e.kind();
                 ::metrics::counter!(m::OUTBOX_PUBLISH_FAILURES_TOTAL,
                     m::LABEL_RELAY => cfg.name.clone(), m::LABEL_KIND => kind.as_str())
                 .increment(1);
                 let failure = PublishFailure {
                     error: e.to_string(),
-                    retry_in: cfg.backoff.delay(msg.attempts + 1),
+                    retry_in: cfg.backoff.delay(attempts + 1),
                     max_attempts: cfg.max_attempts.max(1),
                     dead_now: kind == ErrorKind::Validation,
                 };
-                (msg.id(), failure)
+                (*id, failure)
             })
             .collect();
         // One call settles the batch (one transaction where the store can).
@@ -373,14 +384,14 @@ where
                 .increment(confirmed.len() as u64);
             report.published = confirmed.len();
         }
-        for ((msg, e), outcome) in failed.iter().zip(settled) {
+        for ((id, _, e), outcome) in failed.iter().zip(settled) {
             match outcome {
                 FailureOutcome::Retrying { attempts, .. } => {
-                    tracing::debug!(id = %msg.id(), attempts, error = %e, "publish failed; rescheduled");
+                    tracing::debug!(id = %id, attempts, error = %e, "publish failed; rescheduled");
                     report.retrying += 1;
                 }
                 FailureOutcome::Dead { attempts } => {
-                    tracing::warn!(id = %msg.id(), attempts, error = %e, "outbox message dead-lettered");
+                    tracing::warn!(id = %id, attempts, error = %e, "outbox message dead-lettered");
                     ::metrics::counter!(m::OUTBOX_DEAD_LETTERED_TOTAL, m::LABEL_RELAY => cfg.name.clone())
                         .increment(1);
                     report.dead += 1;
@@ -398,54 +409,58 @@ where
     }
 
     /// [`KeyPipelining::OneAtATime`]: one chain of publishes per key, every
-    /// chain at once; a chain stops at its first failure.
-    async fn publish_chains(&self, batch: &[OutboxMessage]) -> Vec<Outcome> {
-        let mut chains: Vec<Vec<usize>> = Vec::new();
-        let mut chain_of: HashMap<&str, usize> = HashMap::new();
-        for (i, msg) in batch.iter().enumerate() {
-            let c = *chain_of
-                .entry(msg.message.partition_key.as_str())
-                .or_insert_with(|| {
+    /// chain at once; a chain stops at its first failure. The messages move
+    /// into their chains and come back in `batch`'s order.
+    async fn publish_chains(&self, batch: &mut Vec<OutboundMessage>) -> Vec<Outcome> {
+        let total = batch.len();
+        let mut chains: Vec<Vec<(usize, OutboundMessage)>> = Vec::new();
+        let mut chain_of: HashMap<String, usize> = HashMap::new();
+        for (i, msg) in std::mem::take(batch).into_iter().enumerate() {
+            let c = match chain_of.get(msg.partition_key.as_str()) {
+                Some(&c) => c,
+                None => {
+                    chain_of.insert(msg.partition_key.clone(), chains.len());
                     chains.push(Vec::new());
                     chains.len() - 1
-                });
-            chains[c].push(i);
+                }
+            };
+            chains[c].push((i, msg));
         }
         let transport = &self.inner.transport;
         let done = join_all(chains.into_iter().map(|chain| async move {
             let mut out = Vec::with_capacity(chain.len());
-            for i in chain {
-                let (span, traced) = publish_span(&batch[i].message);
-                let message = traced.as_ref().unwrap_or(&batch[i].message);
-                let result = transport.publish(message).instrument(span).await;
-                let stop = result.is_err();
-                out.push((i, result));
-                if stop {
-                    break;
+            let mut stopped = false;
+            for (i, mut msg) in chain {
+                if stopped {
+                    out.push((i, msg, None));
+                    continue;
                 }
+                let span = publish_span(&mut msg);
+                let result = transport.publish(&msg).instrument(span).await;
+                stopped = result.is_err();
+                out.push((i, msg, Some(result)));
             }
             out
         }))
         .await;
-        let mut outcomes: Vec<Outcome> = (0..batch.len()).map(|_| None).collect();
-        for (i, result) in done.into_iter().flatten() {
-            outcomes[i] = Some(result);
+        let mut slots: Vec<Option<(OutboundMessage, Outcome)>> = (0..total).map(|_| None).collect();
+        for (i, msg, outcome) in done.into_iter().flatten() {
+            slots[i] = Some((msg, outcome));
+        }
+        let mut outcomes = Vec::with_capacity(total);
+        for (msg, outcome) in slots.into_iter().flatten() {
+            batch.push(msg);
+            outcomes.push(outcome);
         }
         outcomes
     }
 
     /// [`KeyPipelining::Batch`]: the whole batch in one
     /// [`Transport::publish_batch`], in sequence order.
-    async fn publish_whole(&self, batch: &[OutboxMessage]) -> Vec<Outcome> {
-        let (spans, out): (Vec<Span>, Vec<OutboundMessage>) = batch
-            .iter()
-            .map(|m| {
-                let (span, traced) = publish_span(&m.message);
-                (span, traced.unwrap_or_else(|| m.message.clone()))
-            })
-            .unzip();
+    async fn publish_whole(&self, batch: &mut [OutboundMessage]) -> Vec<Outcome> {
+        let spans: Vec<Span> = batch.iter_mut().map(publish_span).collect();
         // Each message's span lasts from here to the batch's confirmation.
-        let results = self.inner.transport.publish_batch(&out).await;
+        let results = self.inner.transport.publish_batch(batch).await;
         drop(spans);
         let mut results = results.into_iter();
         (0..batch.len())
@@ -585,16 +600,16 @@ where
     }
 }
 
-/// The [`spans::outbox_publish`] span of `message`, continuing the trace
-/// context stored in its headers, and, when the span is recorded by an
-/// OpenTelemetry layer, a copy of the message whose `traceparent` (and
-/// `tracestate`) are the span's own, so that a consumer's span becomes a
-/// child of the publish. Without an interested subscriber the span is
-/// disabled and nothing is parsed or copied.
-fn publish_span(message: &OutboundMessage) -> (Span, Option<OutboundMessage>) {
+/// The publish span of one message. When the span is recorded (an
+/// OpenTelemetry layer is interested), it continues the trace stored in the
+/// message's headers and its own `traceparent` (and `tracestate`) replace
+/// them, so that a consumer's span becomes a child of the publish. Without
+/// an interested subscriber the span is disabled and the message is left
+/// as it is: nothing is parsed or copied.
+fn publish_span(message: &mut OutboundMessage) -> Span {
     let span = spans::outbox_publish(message.id, &message.destination, None);
     if span.is_disabled() {
-        return (span, None);
+        return span;
     }
     if let Some(parent) = extract_headers_lenient(&message.headers) {
         // The span was just created and not entered: this cannot fail.
@@ -602,12 +617,10 @@ fn publish_span(message: &OutboundMessage) -> (Span, Option<OutboundMessage>) {
             tracing::debug!(id = %message.id, error = %e, "cannot continue the stored trace");
         }
     }
-    let traced = trace_context_of(&span).map(|tc| {
-        let mut traced = message.clone();
-        inject_trace_context(&tc, &mut traced.headers);
-        traced
-    });
-    (span, traced)
+    if let Some(tc) = trace_context_of(&span) {
+        inject_trace_context(&tc, &mut message.headers);
+    }
+    span
 }
 
 /// Sleeps for `duration` or until the stop signal.
