@@ -102,6 +102,17 @@ pub struct PgStoreConfig {
     pub max_append_transaction: Option<Duration>,
     /// Pool size used by [`PgEventStore::connect_with`] (default 32).
     pub max_connections: u32,
+    /// When a connection of a pool built by [`PgEventStore::connect_with`]
+    /// is checked before it is handed out (default 1 s): one that sat idle
+    /// in the pool at least this long is pinged first (a round trip; a dead
+    /// one is replaced), one used more recently is handed out as it is.
+    /// sqlx pings on every acquire by default, which is a quarter of the
+    /// round trips of a workload of short transactions (a relay's claims
+    /// and settles, a saga's transitions); a connection that fails while in
+    /// use is closed by sqlx and never returns to the pool, so only one that
+    /// broke while idle for less than this long reaches a caller, as an
+    /// ordinary I/O error of its statement. `None`: ping on every acquire.
+    pub ping_idle_after: Option<Duration>,
 }
 
 impl Default for PgStoreConfig {
@@ -113,6 +124,7 @@ impl Default for PgStoreConfig {
             idle_in_transaction_timeout: Some(Duration::from_secs(5)),
             max_append_transaction: Some(Duration::from_secs(5)),
             max_connections: 32,
+            ping_idle_after: Some(Duration::from_secs(1)),
         }
     }
 }
@@ -142,6 +154,13 @@ impl PgStoreConfig {
         self
     }
 
+    /// Sets when a pooled connection is pinged before use (see
+    /// [`PgStoreConfig::ping_idle_after`]).
+    pub fn ping_idle_after(mut self, idle: Option<Duration>) -> Self {
+        self.ping_idle_after = idle;
+        self
+    }
+
     /// Sets the bound on an appending transaction (see
     /// [`PgStoreConfig::max_append_transaction`]).
     pub fn max_append_transaction(mut self, bound: Option<Duration>) -> Self {
@@ -154,6 +173,40 @@ impl PgStoreConfig {
         self.max_connections = n.max(1);
         self
     }
+}
+
+/// `options` with the acquire check of [`PgStoreConfig::ping_idle_after`]:
+/// with `Some(idle)`, a connection is pinged before it is handed out only
+/// when it sat in the pool at least `idle` (a failed ping closes it and the
+/// pool opens another); with `None`, sqlx's ping on every acquire. For pools
+/// built outside [`PgEventStore::connect_with`] (a benchmark's raw
+/// baseline, a service's own pool) that should behave the same.
+///
+/// ```
+/// use std::time::Duration;
+/// use sqlx::postgres::PgPoolOptions;
+/// use vextrus_postgres::ping_idle_connections;
+///
+/// let options = ping_idle_connections(PgPoolOptions::new(), Some(Duration::from_secs(1)))
+///     .max_connections(8);
+/// assert!(!options.get_test_before_acquire());
+/// assert!(ping_idle_connections(PgPoolOptions::new(), None).get_test_before_acquire());
+/// ```
+pub fn ping_idle_connections(options: PgPoolOptions, idle: Option<Duration>) -> PgPoolOptions {
+    let Some(idle) = idle else {
+        return options.test_before_acquire(true);
+    };
+    options
+        .test_before_acquire(false)
+        .before_acquire(move |conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for < idle {
+                    return Ok(true);
+                }
+                // A dead connection is dropped; the pool opens another.
+                Ok(sqlx::Connection::ping(conn).await.is_ok())
+            })
+        })
 }
 
 /// The event store on PostgreSQL.
@@ -233,7 +286,7 @@ impl PgEventStore {
                 t.as_millis().max(1).to_string(),
             )]);
         }
-        let pool = PgPoolOptions::new()
+        let pool = ping_idle_connections(PgPoolOptions::new(), config.ping_idle_after)
             .max_connections(config.max_connections)
             .acquire_timeout(Duration::from_secs(10))
             .connect_with(options)

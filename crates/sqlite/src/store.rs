@@ -151,7 +151,11 @@ impl SqliteEventStore {
     /// Connects with explicit options and pool size (for other durability
     /// settings, e.g. `synchronous=NORMAL`).
     pub async fn connect_with(options: SqliteConnectOptions, max_connections: u32) -> Result<Self> {
+        // No ping before each acquire (sqlx's default): a SQLite
+        // connection is a file handle in this process that does not break
+        // while idle, and the ping is a round trip to its worker thread.
         let pool = SqlitePoolOptions::new()
+            .test_before_acquire(false)
             .max_connections(max_connections.max(2))
             .acquire_timeout(Duration::from_secs(10))
             .connect_with(options)
