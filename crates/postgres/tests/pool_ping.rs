@@ -42,18 +42,27 @@ async fn terminate(url: &str, pid: i32) {
     panic!("backend {pid} is still there");
 }
 
+/// A one-connection store with `ping_idle_after = ping` whose connection's
+/// session was just ended by the server; the ended session's pid.
+async fn store_with_dead_connection(ping: Option<Duration>) -> (common::TestDb, PgEventStore, i32) {
+    let db = common::TestDb::create().await;
+    let config = PgStoreConfig::default()
+        .max_connections(1)
+        .ping_idle_after(ping);
+    let store = db.store(config).await;
+    let pid = backend_pid(&store).await.unwrap();
+    terminate(&db.url, pid).await;
+    (db, store, pid)
+}
+
+async fn teardown(db: common::TestDb, store: PgEventStore) {
+    store.pool().close().await;
+    db.drop_db().await;
+}
+
 #[tokio::test]
 async fn an_idle_connection_is_pinged_and_a_dead_one_replaced_before_use() {
-    let db = common::TestDb::create().await;
-    let store = db
-        .store(
-            PgStoreConfig::default()
-                .max_connections(1)
-                .ping_idle_after(Some(Duration::from_millis(200))),
-        )
-        .await;
-    let first = backend_pid(&store).await.unwrap();
-    terminate(&db.url, first).await;
+    let (db, store, first) = store_with_dead_connection(Some(Duration::from_millis(200))).await;
     // Idle longer than the threshold: the acquire pings, finds the
     // connection dead and opens another; the statement succeeds.
     tokio::time::sleep(Duration::from_millis(400)).await;
@@ -61,22 +70,12 @@ async fn an_idle_connection_is_pinged_and_a_dead_one_replaced_before_use() {
         .await
         .expect("the dead connection was replaced before use");
     assert_ne!(first, second, "a new session serves the statement");
-    store.pool().close().await;
-    db.drop_db().await;
+    teardown(db, store).await;
 }
 
 #[tokio::test]
 async fn a_recently_used_connection_is_handed_out_without_a_ping() {
-    let db = common::TestDb::create().await;
-    let store = db
-        .store(
-            PgStoreConfig::default()
-                .max_connections(1)
-                .ping_idle_after(Some(Duration::from_secs(60))),
-        )
-        .await;
-    let first = backend_pid(&store).await.unwrap();
-    terminate(&db.url, first).await;
+    let (db, store, first) = store_with_dead_connection(Some(Duration::from_secs(60))).await;
     // Used less than a minute ago: no ping, so the statement meets the dead
     // session and fails (an I/O error, as a broken connection's statement
     // would) ...
@@ -90,26 +89,15 @@ async fn a_recently_used_connection_is_handed_out_without_a_ping() {
     // ... and the broken connection never returns to the pool.
     let second = backend_pid(&store).await.expect("a fresh connection");
     assert_ne!(first, second);
-    store.pool().close().await;
-    db.drop_db().await;
+    teardown(db, store).await;
 }
 
 #[tokio::test]
 async fn none_pings_on_every_acquire() {
-    let db = common::TestDb::create().await;
-    let store = db
-        .store(
-            PgStoreConfig::default()
-                .max_connections(1)
-                .ping_idle_after(None),
-        )
-        .await;
-    let first = backend_pid(&store).await.unwrap();
-    terminate(&db.url, first).await;
+    let (db, store, first) = store_with_dead_connection(None).await;
     let second = backend_pid(&store)
         .await
         .expect("pinged at once: the dead connection was replaced");
     assert_ne!(first, second);
-    store.pool().close().await;
-    db.drop_db().await;
+    teardown(db, store).await;
 }
