@@ -22,11 +22,6 @@ use sqlx::{Any, AnyConnection, AnyPool, Executor, Row, Transaction};
 
 use crate::error::{Error, Result};
 
-/// How long a PostgreSQL connection may sit idle in a [`Database`]'s pool
-/// and still be handed out without a ping: the default of the vextrus
-/// PostgreSQL stores (`PgStoreConfig::ping_idle_after`).
-const PING_IDLE_AFTER: Duration = Duration::from_secs(1);
-
 /// Which database a [`Database`] talks to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
@@ -114,22 +109,18 @@ impl Database {
             .map_err(|e| Error::invalid("database url", e.to_string()))?;
         let mut pool = AnyPoolOptions::new()
             .max_connections(max_connections.max(1))
-            .acquire_timeout(Duration::from_secs(30))
-            // The vextrus stores' acquire check: no ping per acquire (a
-            // round trip each, about a quarter of a saga's); on PostgreSQL
-            // a connection idle for PING_IDLE_AFTER or more is pinged
-            // first, a SQLite connection never (it does not break idle).
-            .test_before_acquire(false);
-        if backend == Backend::Postgres {
-            pool = pool.before_acquire(|conn, meta| {
-                Box::pin(async move {
-                    if meta.idle_for < PING_IDLE_AFTER {
-                        return Ok(true);
-                    }
-                    Ok(sqlx::Connection::ping(conn).await.is_ok())
-                })
-            });
-        }
+            .acquire_timeout(Duration::from_secs(30));
+        // The vextrus stores' acquire check: no ping per acquire (a round
+        // trip each); on PostgreSQL a connection idle for the stores'
+        // default threshold is pinged first, a SQLite connection never (it
+        // does not break idle).
+        pool = match backend {
+            Backend::Postgres => vextrus_postgres::ping_idle_connections(
+                pool,
+                vextrus_postgres::PgStoreConfig::default().ping_idle_after,
+            ),
+            Backend::Sqlite => pool.test_before_acquire(false),
+        };
         if backend == Backend::Sqlite {
             let synchronous = match durability {
                 Durability::Full => "PRAGMA synchronous = FULL",

@@ -179,8 +179,9 @@ impl PgStoreConfig {
 /// with `Some(idle)`, a connection is pinged before it is handed out only
 /// when it sat in the pool at least `idle` (a failed ping closes it and the
 /// pool opens another); with `None`, sqlx's ping on every acquire. For pools
-/// built outside [`PgEventStore::connect_with`] (a benchmark's raw
-/// baseline, a service's own pool) that should behave the same.
+/// built outside [`PgEventStore::connect_with`] that should behave the same
+/// (a benchmark's raw baseline, a service's own `PgPool` or `AnyPool` on
+/// PostgreSQL).
 ///
 /// ```
 /// use std::time::Duration;
@@ -192,7 +193,10 @@ impl PgStoreConfig {
 /// assert!(!options.get_test_before_acquire());
 /// assert!(ping_idle_connections(PgPoolOptions::new(), None).get_test_before_acquire());
 /// ```
-pub fn ping_idle_connections(options: PgPoolOptions, idle: Option<Duration>) -> PgPoolOptions {
+pub fn ping_idle_connections<DB: sqlx::Database>(
+    options: sqlx::pool::PoolOptions<DB>,
+    idle: Option<Duration>,
+) -> sqlx::pool::PoolOptions<DB> {
     let Some(idle) = idle else {
         return options.test_before_acquire(true);
     };
