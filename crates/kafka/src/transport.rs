@@ -182,7 +182,7 @@ impl KafkaTransport {
         }
         let mut sent = Vec::with_capacity(requests.len());
         let mut results: Vec<Option<Result<PublishReceipt>>> = Vec::with_capacity(requests.len());
-        let waiting = FuturesUnordered::new();
+        let mut waiting = FuturesUnordered::new();
         for (i, request) in requests.iter().enumerate() {
             let outcome = match checked.get(request.destination).and_then(Option::as_ref) {
                 Some(err) => Err(copy_error(err)),
@@ -203,7 +203,6 @@ impl KafkaTransport {
         // One deadline for the whole batch rather than a timer per message.
         let deadline = tokio::time::sleep(self.report_deadline());
         tokio::pin!(deadline);
-        let mut waiting = waiting;
         let mut delivered = Deliveries::default();
         loop {
             tokio::select! {
