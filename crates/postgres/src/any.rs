@@ -107,7 +107,7 @@ pub async fn enqueue(conn: &mut AnyConnection, messages: &[OutboundMessage]) -> 
         "WITH m AS MATERIALIZED (
              SELECT * FROM json_to_recordset($1::json) AS m(
                  ord int, id uuid, destination text, partition_key text, lane int, payload text,
-                 headers jsonb, created_at timestamptz, created_at_ns bigint)
+                 headers json, created_at timestamptz, created_at_ns bigint)
          ),
          taken AS MATERIALIZED (
              SELECT m.id

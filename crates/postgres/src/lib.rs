@@ -108,7 +108,10 @@ mod store;
 mod unit_of_work;
 
 pub use migrate::{MIGRATIONS, Migration};
-pub use outbox::{OUTBOX_LANES_MIGRATION, OUTBOX_MIGRATION, OUTBOX_NOTIFY_CHANNEL, PgOutbox};
+pub use outbox::{
+    OUTBOX_HEADERS_MIGRATION, OUTBOX_LANES_MIGRATION, OUTBOX_MIGRATION, OUTBOX_NOTIFY_CHANNEL,
+    PgOutbox,
+};
 pub use saga::{PgSagaStore, SAGA_MIGRATION};
 pub use store::{
     NOTIFY_CHANNEL, NOTIFY_COALESCE, NotifyMode, PgEventStore, PgStoreConfig, ping_idle_connections,

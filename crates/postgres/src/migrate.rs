@@ -21,8 +21,10 @@ pub struct Migration {
 /// Every migration, in order: the event store (1), then the outbox and
 /// inbox (2, [`OUTBOX_MIGRATION`](crate::OUTBOX_MIGRATION)), the saga tables
 /// (3, [`SAGA_MIGRATION`](crate::SAGA_MIGRATION)), the event store's
-/// stream versions read from its events (5), and the outbox's lanes (6,
-/// [`OUTBOX_LANES_MIGRATION`](crate::OUTBOX_LANES_MIGRATION)).
+/// stream versions read from its events (5), the outbox's lanes (6,
+/// [`OUTBOX_LANES_MIGRATION`](crate::OUTBOX_LANES_MIGRATION)) and its
+/// headers as `json` (7,
+/// [`OUTBOX_HEADERS_MIGRATION`](crate::OUTBOX_HEADERS_MIGRATION)).
 pub const MIGRATIONS: &[Migration] = &[
     Migration {
         version: 1,
@@ -37,6 +39,7 @@ pub const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../migrations/0005_event_store_versions.sql"),
     },
     crate::outbox::OUTBOX_LANES_MIGRATION,
+    crate::outbox::OUTBOX_HEADERS_MIGRATION,
 ];
 
 /// The advisory lock key the migrator holds (`hashtext('vextrus_migrate')`-like

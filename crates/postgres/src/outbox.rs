@@ -50,6 +50,16 @@ pub const OUTBOX_LANES_MIGRATION: Migration = Migration {
     sql: include_str!("../migrations/0006_outbox_lanes.sql"),
 };
 
+/// The outbox headers migration (`migrations/0007_outbox_headers_json.sql`),
+/// version 7 of [`MIGRATIONS`](crate::MIGRATIONS): `vextrus_outbox.headers`
+/// becomes `json` (kept as written), so a claim reads headers without
+/// converting `jsonb` back to text.
+pub const OUTBOX_HEADERS_MIGRATION: Migration = Migration {
+    version: 7,
+    name: "outbox_headers_json",
+    sql: include_str!("../migrations/0007_outbox_headers_json.sql"),
+};
+
 /// How many lanes one claim leases at most: with several relay workers,
 /// each pipelining a claim behind its publish, the lanes are shared out
 /// instead of the first claim taking every lane with work.
@@ -325,11 +335,12 @@ pub(crate) fn decode_row(row: &PgRow) -> OutboxResult<OutboxMessage> {
 /// Decodes [`ROW_COLUMNS`] starting at column `at`.
 fn decode_row_at(row: &PgRow, at: usize) -> OutboxResult<OutboxMessage> {
     let get = |e: sqlx::Error| OutboxError::Backend(Box::new(e));
-    let headers: String = row.try_get(at + 5).map_err(get)?;
-    let headers: Headers = serde_json::from_str(&headers)
+    // Read in place (no copy of the text before parsing it).
+    let headers: &str = row.try_get(at + 5).map_err(get)?;
+    let headers: Headers = serde_json::from_str(headers)
         .map_err(|e| OutboxError::Backend(format!("stored headers: {e}").into()))?;
-    let status: String = row.try_get(at + 7).map_err(get)?;
-    let status = OutboxStatus::parse(&status)
+    let status: &str = row.try_get(at + 7).map_err(get)?;
+    let status = OutboxStatus::parse(status)
         .ok_or_else(|| OutboxError::Backend(format!("unknown outbox status {status:?}").into()))?;
     let attempts: i32 = row.try_get(at + 8).map_err(get)?;
     let id: uuid::Uuid = row.try_get(at + 1).map_err(get)?;
@@ -415,7 +426,7 @@ pub(crate) async fn enqueue_on(
          INSERT INTO vextrus_outbox
              (id, destination, partition_key, payload, headers, created_at, created_at_ns,
               next_attempt_at, lane)
-         SELECT m.id, m.destination, m.partition_key, m.payload, m.headers::jsonb,
+         SELECT m.id, m.destination, m.partition_key, m.payload, m.headers::json,
                 m.created_at, m.created_at_ns, LEAST(m.created_at, now()), m.lane
            FROM locks,
                 unnest($1::uuid[], $2::text[], $3::text[], $4::bytea[], $5::text[],
@@ -973,15 +984,21 @@ async fn claim_lanes(
     if lanes.is_empty() {
         return Ok(Vec::new());
     }
+    // The lane logic runs on narrow rows (lane, sequence, key): the
+    // materialized CTEs stay in memory and their sort is small. Only the
+    // rows handed out are read whole, by primary key, in sequence order.
+    // (Carrying payload and headers through the CTEs spilled them to temp
+    // files and tripled the statement's time: 4,096 rows took ~85 ms,
+    // ~30 ms this way.)
     let rows = sqlx::query(&format!(
         "WITH free AS MATERIALIZED (
              SELECT l.lane, l.cursor FROM vextrus_outbox_lanes l WHERE l.lane = ANY($4)
          ),
          cand AS MATERIALIZED (
-             SELECT f.lane, c.*
+             SELECT f.lane, c.sequence, c.partition_key
                FROM free f
               CROSS JOIN LATERAL (
-                  SELECT {RETURNED}
+                  SELECT o.sequence, o.partition_key
                     FROM vextrus_outbox o
                    WHERE o.lane = f.lane AND o.sequence > f.cursor
                    ORDER BY o.lane, o.sequence
@@ -1002,7 +1019,7 @@ async fn claim_lanes(
               WHERE b.seq IS NOT NULL
          ),
          marked AS MATERIALIZED (
-             SELECT c.*, (b.seq IS NOT NULL AND c.sequence > b.seq) AS held
+             SELECT c.lane, c.sequence, (b.seq IS NOT NULL AND c.sequence > b.seq) AS held
                FROM cand c LEFT JOIN blocks b USING (partition_key)
          ),
          diverted AS (
@@ -1020,11 +1037,12 @@ async fn claim_lanes(
                        FROM marked GROUP BY lane) AS s
               WHERE l.lane = s.lane
          )
-         SELECT lane, sequence, id, destination, partition_key, payload, headers,
-                created_at_ns, status, attempts, next_attempt_at, last_error, published_at
-           FROM marked
-          WHERE NOT held
-          ORDER BY sequence"
+         SELECT m.lane, {RETURNED}
+           FROM (SELECT lane, sequence FROM marked WHERE NOT held ORDER BY sequence) AS m
+          CROSS JOIN LATERAL (
+              SELECT * FROM vextrus_outbox o WHERE o.sequence = m.sequence
+          ) AS o
+          ORDER BY m.sequence"
     ))
     .bind(&req.worker)
     .bind(block)

@@ -581,7 +581,7 @@ impl SagaCommandOutbox for PgSagaStore {
     async fn pending_commands(&self, limit: usize) -> Result<Vec<SagaCommand>, SagaError> {
         let rows = sqlx::query(&format!(
             "SELECT {ROW_COLUMNS} FROM {ROW_FROM}
-              WHERE {ROW_PENDING} AND o.headers ? 'saga_id'
+              WHERE {ROW_PENDING} AND o.headers->>'saga_id' IS NOT NULL
               ORDER BY o.sequence
               LIMIT $1"
         ))

@@ -274,6 +274,42 @@ async fn rows_written_before_lanes_go_first_and_the_migration_reapplies() {
 }
 
 #[tokio::test]
+async fn the_headers_migration_turns_stored_jsonb_headers_into_json_text() {
+    let (db, outbox) = fresh().await;
+    // A table as migration 6 left it: headers in `jsonb`, with rows in it.
+    sqlx::query("ALTER TABLE vextrus_outbox ALTER COLUMN headers TYPE jsonb")
+        .execute(outbox.pool())
+        .await
+        .unwrap();
+    let mut m = msg("hdr", 1);
+    m.headers.insert("tenant".into(), "acme \"north\"".into());
+    m.headers.insert("ce_type".into(), "order.placed".into());
+    outbox.enqueue(std::slice::from_ref(&m)).await.unwrap();
+    let kind = || async {
+        sqlx::query_scalar::<_, String>(
+            "SELECT data_type FROM information_schema.columns
+              WHERE table_name = 'vextrus_outbox' AND column_name = 'headers'",
+        )
+        .fetch_one(outbox.pool())
+        .await
+        .unwrap()
+    };
+    assert_eq!(kind().await, "jsonb");
+    // Applied (and applied again): the column is `json`, the row intact.
+    for _ in 0..2 {
+        sqlx::raw_sql(vextrus_postgres::OUTBOX_HEADERS_MIGRATION.sql)
+            .execute(outbox.pool())
+            .await
+            .unwrap();
+    }
+    assert_eq!(kind().await, "json");
+    let claimed = outbox.claim(&req("w")).await.unwrap();
+    assert_eq!(ids(&claimed), vec![m.id]);
+    assert_eq!(claimed[0].message.headers, m.headers);
+    db.drop_db().await;
+}
+
+#[tokio::test]
 async fn retention_deletes_lane_rows_confirmed_before_the_cutoff() {
     let (db, outbox) = fresh().await;
     let early: Vec<_> = (0..4).map(|i| msg("ret", i)).collect();
