@@ -416,12 +416,13 @@ struct Decoded {
 }
 
 fn decode_row(row: &SqliteRow) -> OutboxResult<Decoded> {
-    let id: String = row.try_get("id").map_err(db_err)?;
+    // Text columns are read in place (no copy before parsing them).
+    let id: &str = row.try_get("id").map_err(db_err)?;
     let id: MessageId = id.parse().map_err(|e| backend("id", e))?;
-    let headers: String = row.try_get("headers").map_err(db_err)?;
-    let headers: Headers = serde_json::from_str(&headers).map_err(|e| backend("headers", e))?;
-    let status: String = row.try_get("status").map_err(db_err)?;
-    let status = OutboxStatus::parse(&status).ok_or_else(|| backend("status", &status))?;
+    let headers: &str = row.try_get("headers").map_err(db_err)?;
+    let headers: Headers = serde_json::from_str(headers).map_err(|e| backend("headers", e))?;
+    let status: &str = row.try_get("status").map_err(db_err)?;
+    let status = OutboxStatus::parse(status).ok_or_else(|| backend("status", status))?;
     let created_at = from_nanos(row.try_get("created_at").map_err(db_err)?);
     let next_attempt: Option<i64> = row.try_get("next_attempt_at").map_err(db_err)?;
     let published: Option<i64> = row.try_get("published_at").map_err(db_err)?;
